@@ -1,0 +1,126 @@
+"""Building blocks of the TIM generator: weight-normalised conv, residual dense blocks, the style block.
+
+The structure follows DESIGN.md §2.3 (itself the official release's generator): every 3x3 convolution is
+weight-normalised, residual-in-residual dense blocks (RRDB, from ESRGAN) carry the features, and each RRDB
+is followed by an adaptive instance norm driven by the level's style vector.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NEGATIVE_SLOPE = 0.2  # LeakyReLU slope everywhere in the generator (paper: 0.2)
+RESIDUAL_SCALE = 0.2  # scale of the residual branch in RDB and RRDB (ESRGAN's 0.2)
+
+
+def leaky(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, NEGATIVE_SLOPE)
+
+
+class WNConv2d(nn.Module):
+    """3x3 (by default) convolution with weight normalisation: weight = g * v / ||v||, norm per output channel.
+
+    The parameter names (`weight_g`, `weight_v`, `bias`) are those of `torch.nn.utils.weight_norm`, which the
+    official checkpoints use. `fold()` replaces the reparametrisation by a plain weight while the weights are
+    fixed (search, sampling), which saves recomputing the norm on every forward.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.padding = kernel_size // 2
+        v = torch.empty(out_channels, in_channels, kernel_size, kernel_size)
+        nn.init.kaiming_uniform_(v, a=5**0.5)
+        self.weight_v = nn.Parameter(v)
+        self.weight_g = nn.Parameter(v.flatten(1).norm(dim=1).view(-1, 1, 1, 1).clone())
+        bound = 1 / (in_channels * kernel_size * kernel_size) ** 0.5
+        self.bias = nn.Parameter(torch.empty(out_channels).uniform_(-bound, bound))
+        self._folded: torch.Tensor | None = None
+
+    def weight(self) -> torch.Tensor:
+        if self._folded is not None:
+            return self._folded
+        norm = self.weight_v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        return self.weight_v * (self.weight_g / norm)
+
+    def fold(self, enabled: bool = True) -> None:
+        """Cache the normalised weight; call `fold(False)` before the parameters change again."""
+        self._folded = None
+        if enabled:
+            with torch.no_grad():
+                self._folded = self.weight().detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight(), self.bias, padding=self.padding)
+
+
+class ResidualDenseBlock(nn.Module):
+    """Five convolutions, each fed the block input and every earlier output; 0.2 * last + input."""
+
+    def __init__(self, channels: int, growth: int):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            WNConv2d(channels + i * growth, growth if i < 4 else channels) for i in range(5)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for conv in self.convs[:4]:
+            features.append(leaky(conv(torch.cat(features, dim=1))))
+        return RESIDUAL_SCALE * self.convs[4](torch.cat(features, dim=1)) + x
+
+
+class RRDB(nn.Module):
+    """Residual-in-residual dense block: three RDBs in sequence, 0.2 * result + input."""
+
+    def __init__(self, channels: int, growth: int):
+        super().__init__()
+        self.rdbs = nn.Sequential(*(ResidualDenseBlock(channels, growth) for _ in range(3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return RESIDUAL_SCALE * self.rdbs(x) + x
+
+
+class StyleBlock(nn.Module):
+    """RRDBs, each followed by h <- (1 + gamma) * InstanceNorm(h) + beta from the style; a final conv; a shortcut."""
+
+    def __init__(self, channels: int, growth: int, blocks: int, style_dim: int):
+        super().__init__()
+        self.rrdbs = nn.ModuleList(RRDB(channels, growth) for _ in range(blocks))
+        self.affine = nn.ModuleList(nn.Linear(style_dim, 2 * channels) for _ in range(blocks))
+        self.conv = WNConv2d(channels, channels)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        h = x
+        for rrdb, affine in zip(self.rrdbs, self.affine):
+            gamma, beta = affine(style)[:, :, None, None].chunk(2, dim=1)
+            h = (1 + gamma) * F.instance_norm(rrdb(h)) + beta
+        return self.conv(h) + x
+
+
+class Upsample(nn.Module):
+    """Nearest x2, conv + LeakyReLU, conv + LeakyReLU."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = WNConv2d(channels, channels)
+        self.conv2 = WNConv2d(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return leaky(self.conv2(leaky(self.conv1(x))))
+
+
+class MappingNetwork(nn.Module):
+    """Linear + LeakyReLU layers: `in_dim -> width`, then `width -> width`."""
+
+    def __init__(self, in_dim: int, width: int, layers: int):
+        super().__init__()
+        dims = [in_dim] + [width] * layers
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for linear in self.linears:
+            x = leaky(linear(x))
+        return x

@@ -1,0 +1,243 @@
+"""Typed configuration: dataclasses with one comment per field, YAML presets, dotted overrides.
+
+A run's configuration is resolved once (defaults <- preset <- task <- YAML file <- `-o key=value` overrides),
+validated, and saved with every run and checkpoint, so a checkpoint alone rebuilds its model.
+
+The paper's vocabulary, mapped once: a "month" is a round (`train.round_size` examples whose codes are
+searched together), a "day" is the `train.steps_per_round` optimisation steps that follow with those codes
+fixed, and "TIM" (Tower Implicit Model) is the generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+WIRINGS = ("generic", "super-resolution", "colourization")
+PRESETS = ("paper", "small", "tiny")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    wiring: str = "generic"  # how levels are fed: generic | super-resolution | colourization (set by the task)
+    levels: int = 4  # number of generator modules (paper: 4)
+    channels: list[int] = field(default_factory=lambda: [128, 64, 64, 64])  # residual channels per level (paper: 128, 64, 64, 64)
+    growth: list[int] = field(default_factory=lambda: [256, 192, 128, 64])  # dense growth channels per level (paper: 256, 192, 128, 64)
+    blocks: int = 6  # RRDB blocks per level (paper: 6)
+    noise_channels: int = 5  # spatial noise channels per level (paper: 5)
+    code_dim: int = 128  # mapping-network input numbers per level (paper: 128)
+    style_dim: int = 512  # style vector width (paper: 512)
+    mapping_layers: int = 7  # Linear layers after each level's embedding (paper: 7)
+    in_channels: int = 3  # image channels fed to each level (set by the task; 1 for colourization)
+    out_channels: int = 3  # channels each level predicts (set by the task; 2 chroma channels for colourization)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # folder of training images; empty = the built-in sample set
+    crop: int = 256  # side of the random training crops of the target, px (paper, super-resolution: 512)
+    skip_bad: bool = False  # skip unreadable or too-small images with a warning instead of stopping
+    jpeg_quality: int = 10  # decompression: JPEG quality of the degraded input (1..95)
+
+
+@dataclass
+class SearchConfig:
+    samples_per_level: list[int] = field(default_factory=lambda: [200, 200, 20, 10])  # candidate codes per level (paper: 200, 200, 20, 10)
+    flat: bool = False  # flat cIMLE instead: one pool of full codes judged at the last level only
+    flat_samples: int = 0  # pool size of the flat search; 0 = the hierarchical pools' total render count
+    max_batch: int = 64  # most candidate renders run at once (the memory budget of the search)
+
+
+@dataclass
+class TrainConfig:
+    round_size: int = 400  # examples whose codes are searched together, a "month" (paper: 400)
+    steps_per_round: int = 10_000  # optimisation steps with those codes fixed, a "day" (paper: 10,000)
+    passes: int = 20  # passes over the training data (paper: 20)
+    batch_size: int = 1  # examples per optimisation step (paper: 1)
+    lr: float = 1e-4  # Adam learning rate (paper: 1e-4, constant)
+    beta1: float = 0.9  # Adam beta1 (paper: 0.9)
+    beta2: float = 0.999  # Adam beta2 (paper: 0.999)
+    mapping_lr_scale: float = 0.01  # learning-rate factor of the mapping networks (paper: 0.01)
+    perceptual: str = "vgg"  # LPIPS backbone for search and loss: vgg (paper) | alex (cheaper)
+    seed: int = 0  # seed of crops, augmentation, candidate pools and initial weights
+    checkpoint_every: int = 1000  # optimisation steps between checkpoints
+    keep_checkpoints: int = 2  # resumable states kept on disk
+    grid_every: int = 1000  # optimisation steps between sample grids
+    log_every: int = 50  # optimisation steps between log lines
+
+
+@dataclass
+class Config:
+    task: str = "super-resolution"  # task preset name, see chimle.tasks
+    preset: str = "paper"  # model/schedule preset this config started from
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def merge(config: Config, values: dict[str, Any], where: str = "config") -> Config:
+    """Return `config` with the nested `values` applied; unknown keys and wrong types are errors."""
+    data = config.to_dict()
+    _merge_into(data, values, where, prefix="")
+    return from_dict(data)
+
+
+def _merge_into(data: dict, values: dict, where: str, prefix: str) -> None:
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in data:
+            raise ConfigError(f"{where}: unknown setting '{name}'; known: {', '.join(prefix + k for k in data)}")
+        if isinstance(data[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{name}' is a section; give its fields, e.g. {name}.<field>=...")
+            _merge_into(data[key], value, where, prefix=f"{name}.")
+        else:
+            data[key] = _coerce(value, data[key], name, where)
+
+
+def _coerce(value: Any, current: Any, name: str, where: str) -> Any:
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(current, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(current, str):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif isinstance(current, list):
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+    raise ConfigError(f"{where}: '{name}' must be like {current!r}, got {value!r}")
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    kwargs = {}
+    for key, value in data.items():
+        if key in ("model", "data", "search", "train"):
+            kwargs[key] = {"model": ModelConfig, "data": DataConfig, "search": SearchConfig, "train": TrainConfig}[key](**value)
+        elif key in sections:
+            kwargs[key] = value
+        else:
+            raise ConfigError(f"unknown setting '{key}'")
+    return Config(**kwargs)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ["model.blocks=2", "search.samples_per_level=[4,4]"] into a nested dict (values read as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.field=value, e.g. model.blocks=2")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text) if text.strip() else ""
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
+    text = resources.files("chimle").joinpath(f"presets/{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...)")
+    return values
+
+
+def resolve(
+    task: str | None = None,
+    preset: str = "small",
+    file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Build a validated config: defaults <- preset <- task wiring <- YAML file <- dotted overrides."""
+    from chimle import tasks  # the task registry fills in wiring and channels
+
+    config = merge(Config(preset=preset), load_preset(preset), where=f"preset '{preset}'")
+    if file is not None:
+        config = merge(config, load_yaml(file), where=str(file))
+    user = parse_overrides(overrides or [])
+    if task is not None:
+        user.setdefault("task", task)
+    if "task" in user:
+        config = merge(config, {"task": user["task"]}, where="command line")
+    config = merge(config, tasks.get(config.task).model_overrides, where=f"task '{config.task}'")
+    config = merge(config, user, where="command line")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Refuse values that cannot work, with the field, the value and what is allowed."""
+    m, s, t, d = config.model, config.search, config.train, config.data
+    problems = []
+    if m.wiring not in WIRINGS:
+        problems.append(f"model.wiring={m.wiring!r} must be one of {WIRINGS}")
+    if m.levels < 1:
+        problems.append(f"model.levels={m.levels} must be >= 1")
+    for name in ("channels", "growth"):
+        values = getattr(m, name)
+        if len(values) != m.levels:
+            problems.append(f"model.{name}={values} needs one value per level ({m.levels})")
+        if any(v < 1 for v in values):
+            problems.append(f"model.{name}={values} must be positive")
+    for name in ("blocks", "code_dim", "style_dim", "mapping_layers", "in_channels", "out_channels"):
+        if getattr(m, name) < 1:
+            problems.append(f"model.{name}={getattr(m, name)} must be >= 1")
+    if m.noise_channels < 0:
+        problems.append(f"model.noise_channels={m.noise_channels} must be >= 0")
+    if len(s.samples_per_level) != m.levels or any(v < 1 for v in s.samples_per_level):
+        problems.append(f"search.samples_per_level={s.samples_per_level} needs one positive value per level ({m.levels})")
+    if s.flat_samples < 0 or s.max_batch < 1:
+        problems.append("search.flat_samples must be >= 0 and search.max_batch >= 1")
+    for name in ("round_size", "steps_per_round", "passes", "batch_size", "checkpoint_every", "keep_checkpoints",
+                 "grid_every", "log_every"):
+        if getattr(t, name) < 1:
+            problems.append(f"train.{name}={getattr(t, name)} must be >= 1")
+    if not t.lr > 0 or not 0 <= t.beta1 < 1 or not 0 <= t.beta2 < 1 or not t.mapping_lr_scale >= 0:
+        problems.append("train.lr must be > 0, train.beta1 and beta2 in [0, 1), train.mapping_lr_scale >= 0")
+    if t.perceptual not in ("vgg", "alex"):
+        problems.append(f"train.perceptual={t.perceptual!r} must be 'vgg' or 'alex'")
+    if d.crop < 2 ** m.levels or d.crop % 2 ** m.levels:
+        problems.append(f"data.crop={d.crop} must be a positive multiple of 2**levels = {2 ** m.levels}")
+    if not 1 <= d.jpeg_quality <= 95:
+        problems.append(f"data.jpeg_quality={d.jpeg_quality} must be in 1..95")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

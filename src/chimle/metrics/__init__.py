@@ -1,0 +1,1 @@
+"""Evaluation metrics: FID, LPIPS diversity, faithfulness-weighted variance, fidelity."""
