@@ -121,6 +121,11 @@ def _coerce(value: Any, current: Any, name: str, where: str) -> Any:
     elif isinstance(current, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif isinstance(current, str):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -187,18 +192,21 @@ def resolve(
     file: str | Path | None = None,
     overrides: list[str] | None = None,
 ) -> Config:
-    """Build a validated config: defaults <- preset <- task wiring <- YAML file <- dotted overrides."""
+    """Build a validated config: defaults <- preset (and its per-task part) <- task wiring <- YAML file <- dotted
+    overrides. The task is taken from the overrides, else the `task` argument, else the file, else the default."""
     from chimle import tasks  # the task registry fills in wiring and channels
 
-    config = merge(Config(preset=preset), load_preset(preset), where=f"preset '{preset}'")
-    if file is not None:
-        config = merge(config, load_yaml(file), where=str(file))
+    values = load_preset(preset)
+    per_task = values.pop("tasks", {})
+    from_file = load_yaml(file) if file is not None else {}
     user = parse_overrides(overrides or [])
-    if task is not None:
-        user.setdefault("task", task)
-    if "task" in user:
-        config = merge(config, {"task": user["task"]}, where="command line")
-    config = merge(config, tasks.get(config.task).model_overrides, where=f"task '{config.task}'")
+    task = user.get("task") or task or from_file.get("task") or Config.task
+    entry = tasks.get(task)
+
+    config = merge(Config(preset=preset), values, where=f"preset '{preset}'")
+    config = merge(config, {"task": entry.name, **per_task.get(entry.name, {})}, where=f"preset '{preset}'")
+    config = merge(config, entry.model_overrides(), where=f"task '{entry.name}'")
+    config = merge(config, from_file, where=str(file))
     config = merge(config, user, where="command line")
     validate(config)
     return config
