@@ -37,7 +37,7 @@ def pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
     return [downsample(x, 2 ** (levels - 1 - level)) for level in range(levels)]
 
 
-def tanh_to_unit(raw: torch.Tensor) -> torch.Tensor:
+def tanh_to_unit(raw: torch.Tensor, level_input: torch.Tensor | None) -> torch.Tensor:
     return (raw + 1) / 2
 
 
@@ -50,10 +50,14 @@ class Task:
     summary: str  # one line for help texts
     make_pair: Callable | None = None  # (target batch, config) -> (input pyramid, target pyramid)
     make_inputs: Callable | None = None  # (input batch as given by a user, config) -> input pyramid
-    to_images: Callable = tanh_to_unit  # (raw tanh output of a level) -> image in [0, 1]
+    to_image: Callable = tanh_to_unit  # (raw tanh output of a level, that level's input) -> RGB image in [0, 1]
 
     def model_overrides(self) -> dict:
         return {"model": {"wiring": self.wiring, "in_channels": self.in_channels, "out_channels": self.out_channels}}
+
+    def image(self, raw: torch.Tensor, inputs: list[torch.Tensor], level: int) -> torch.Tensor:
+        """The RGB image in [0, 1] of a level's raw output (colourization needs the level's L input)."""
+        return self.to_image(raw, None if self.wiring == "super-resolution" else inputs[level])
 
     def output_scale(self, levels: int) -> int:
         """How many times larger than the input the final output is."""

@@ -1,0 +1,218 @@
+"""Images in: reading files safely, folders of training images, deterministic crops, the built-in sample set.
+
+Every image comes out as a float tensor (3, H, W) in [0, 1] (or (1, H, W) for greyscale requests), with EXIF
+orientation applied. Anything unreadable raises `DataError` naming the file and what to do; a training folder
+can instead skip bad files with a warning (`--skip-bad`).
+
+Training examples are drawn deterministically from (seed, example number): which image (a fresh shuffle per
+pass over the data), where the crop lies and which of the 8 flips/transposes is applied. A resumed run
+therefore sees exactly the examples an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard); about 7300 x 5500 px
+
+
+class DataError(ValueError):
+    """An input file or folder cannot be used; the message names it and says what to do."""
+
+
+def _open(path: Path) -> Image.Image:
+    """Open and fully decode an image, turning every failure into a DataError that names the file."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty (0 bytes); remove it or give --skip-bad")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            if image.width * image.height > MAX_PIXELS:
+                raise DataError(
+                    f"{path}: {image.width}x{image.height} px is larger than the {MAX_PIXELS:,}-pixel limit; "
+                    "downscale it first"
+                )
+            image.load()
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{path}: the image is implausibly large (decompression-bomb guard); downscale it first") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image Pillow can read; remove it or give --skip-bad") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"{path}: the image could not be decoded ({error}); it may be truncated") from None
+    return ImageOps.exif_transpose(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: 16-bit and float greyscale rescaled, palettes expanded, alpha composited
+    on white, CMYK converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path, grey: bool = False) -> torch.Tensor:
+    """A file as a (3, H, W) float tensor in [0, 1] (or (1, H, W) if grey)."""
+    image = _to_rgb(_open(Path(path)))
+    if grey:
+        image = image.convert("L")
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+
+
+def save_image(image: torch.Tensor, path: str | Path) -> None:
+    """Write a (C, H, W) image in [0, 1] as PNG (or any extension Pillow knows)."""
+    array = image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    if array.shape[2] == 1:
+        array = array[:, :, 0]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files of a folder and its subfolders, sorted; an error if there are none."""
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files
+
+
+def builtin_photos(split: str = "train") -> Path:
+    """The folder of the built-in sample photos: 'train' or 'heldout' (see assets/photos/ATTRIBUTION.md)."""
+    return Path(str(resources.files("chimle").joinpath(f"assets/photos/{split}")))
+
+
+# Dihedral transforms: k quarter turns, then an optional horizontal flip (all 8 symmetries of the square).
+def dihedral(x: torch.Tensor, index: int) -> torch.Tensor:
+    x = torch.rot90(x, index % 4, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if index >= 4 else x
+
+
+def _mix(*numbers: int) -> int:
+    """A 63-bit seed from several integers (splitmix64 steps), so nearby inputs give unrelated streams."""
+    state = 0x9E3779B97F4A7C15
+    for n in numbers:
+        state = (state ^ (n & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        state ^= state >> 31
+    return state & 0x7FFFFFFFFFFFFFFF
+
+
+def seeded(*numbers: int) -> torch.Generator:
+    """A CPU random generator seeded from several integers."""
+    return torch.Generator().manual_seed(_mix(*numbers))
+
+
+@dataclass
+class Example:
+    image: torch.Tensor  # the (3, crop, crop) target crop
+    file: Path  # the file it came from
+
+
+class ImageFolder:
+    """The training images of a folder, checked up front (readable header, large enough for the crop)."""
+
+    def __init__(self, folder: str | Path, crop: int, skip_bad: bool = False, augment: bool = True):
+        self.crop, self.skip_bad, self.augment = crop, skip_bad, augment
+        self.files: list[Path] = []
+        for path in list_images(folder):
+            problem = self._check(path, crop)
+            if problem is None:
+                self.files.append(path)
+            elif skip_bad:
+                warnings.warn(f"skipping {problem}", stacklevel=2)
+            else:
+                raise DataError(f"{problem}; remove it, or give --skip-bad to skip such files")
+        if not self.files:
+            raise DataError(f"{folder}: none of the images can be used for {crop}x{crop} px crops")
+        self._cache: dict[int, torch.Tensor] = {}
+        self._bad: set[int] = set()
+
+    @staticmethod
+    def _check(path: Path, crop: int) -> str | None:
+        if path.stat().st_size == 0:
+            return f"{path}: empty file"
+        try:
+            with Image.open(path) as image:
+                size = image.size
+                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientation swaps width and height
+                    size = size[::-1]
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            return f"{path}: not a readable image ({error.__class__.__name__})"
+        if min(size) < crop:
+            return f"{path}: {size[0]}x{size[1]} px is smaller than the {crop} px crop"
+        return None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _image(self, index: int) -> torch.Tensor:
+        if index not in self._cache:
+            image = load_image(self.files[index])
+            if len(self._cache) < 256:  # small folders stay in memory; large ones are read as needed
+                self._cache[index] = image
+            return image
+        return self._cache[index]
+
+    def example(self, seed: int, number: int) -> Example:
+        """Training example `number` of the run seeded `seed`: a shuffled pass order, a random crop, a random
+        dihedral transform; the same (seed, number) always gives the same example. With skip_bad, a file that
+        fails to decode is replaced by the next one in the pass order (the same one every time)."""
+        n = len(self.files)
+        order = torch.randperm(n, generator=seeded(seed, 1, number // n))
+        for offset in range(n):
+            index = int(order[(number + offset) % n])
+            if index in self._bad:
+                continue
+            try:
+                image = self._image(index)
+                break
+            except DataError as error:
+                if not self.skip_bad:
+                    raise
+                warnings.warn(f"skipping {error}", stacklevel=2)
+                self._bad.add(index)
+        else:
+            raise DataError(f"none of the {n} training images could be decoded")
+        g = seeded(seed, 2, number)
+        h, w = image.shape[-2:]
+        top = int(torch.randint(0, h - self.crop + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - self.crop + 1, (1,), generator=g))
+        crop = image[:, top : top + self.crop, left : left + self.crop]
+        if self.augment:
+            crop = dihedral(crop, int(torch.randint(0, 8, (1,), generator=g)))
+        return Example(crop.contiguous(), self.files[index])
+
+
+def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = image.shape[-2:]
+    if min(h, w) < size:
+        raise DataError(f"an image of {w}x{h} px is smaller than the {size} px crop")
+    top, left = (h - size) // 2, (w - size) // 2
+    return image[..., top : top + size, left : left + size]

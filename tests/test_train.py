@@ -1,0 +1,91 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chimle.checkpoint import CheckpointError, load_model
+from chimle.sample import Model
+from chimle.train import train
+from conftest import tiny_config
+
+FAST = ["train.passes=1", "train.round_size=4", "train.steps_per_round=6", "train.checkpoint_every=2"]
+
+
+def test_train_save_load_sample_round_trip(tmp_path):
+    config = tiny_config("super-resolution", *FAST)
+    path = train(config, tmp_path / "run")
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"config.yaml", "model.safetensors", "log.txt",
+                                                               "metrics.jsonl", "grids"}
+    assert list((tmp_path / "run" / "grids").glob("step-*.png"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["event"] for r in records} == {"search", "train"}
+    assert records[-1]["step"] == 18  # 3 rounds (9 images, 4 per round) x 6 steps
+
+    model = Model.load(path, device="cpu")
+    assert model.config == config
+    image = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    a = model.sample(image, n=3, seed=4)
+    b = model.sample(image, n=3, seed=4)
+    assert a.shape == (3, 3, 20, 28) and torch.equal(a, b)
+    assert not torch.equal(a[0], a[1])
+    # Sample k alone equals sample k of a batch.
+    alone = model.render(image, [[(4, 2), (4, 2)]])
+    torch.testing.assert_close(alone[0], a[2], atol=1e-6, rtol=1e-5)
+
+
+def test_run_directory_is_never_overwritten(tmp_path):
+    config = tiny_config("super-resolution", *FAST, "train.steps_per_round=1")
+    train(config, tmp_path / "run")
+    before = (tmp_path / "run" / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="already holds a run; give --resume"):
+        train(config, tmp_path / "run")
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(config, tmp_path / "empty", resume=True)
+
+
+def _train_command(out: Path, *extra: str) -> list[str]:
+    overrides = [f"-o{o}" for o in FAST + ["train.passes=2", "train.steps_per_round=8"]]
+    return [sys.executable, "-m", "chimle", "train", "--preset", "tiny", "--out", str(out), *overrides, *extra]
+
+
+def _wait_for(path: Path, predicate, process, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and predicate(path.read_text()):
+            return
+        if process.poll() is not None:
+            pytest.fail(f"training ended before the kill point: {process.stderr.read()}")
+        time.sleep(0.05)
+    pytest.fail("kill point not reached")
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    """SIGKILL mid-round, resume: the final weights equal those of an uninterrupted run, bit for bit."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(_train_command(tmp_path / "whole"), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_train_command(killed), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    # Kill once the second round is under way (its search done, some steps taken, a checkpoint behind it).
+    _wait_for(killed / "metrics.jsonl", lambda text: '"step": 12' in text, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "log.txt").read_text().endswith("done: 40 steps\n")
+    subprocess.run(_train_command(killed, "--resume"), check=True, env=env, capture_output=True)
+
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    resumed = load_file(str(killed / "model.safetensors"))
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert "resumed at step" in (killed / "log.txt").read_text()
+    generator, _ = load_model(killed)
+    assert generator is not None
