@@ -32,6 +32,7 @@ def test_dotted_overrides_are_typed():
         ("model.channels=[8]", "needs one value per level"),
         ("data.crop=30", "multiple of 2\\*\\*levels"),
         ("train.perceptual=squeeze", "'vgg' or 'alex'"),
+        ("train.pixel_weight=-1", "pixel_weight=-1.0 must be >= 0"),
         ("train", "must look like section.field=value"),
         ("model=3", "is a section"),
     ],

@@ -89,6 +89,11 @@ class StyleBlock(nn.Module):
         super().__init__()
         self.rrdbs = nn.ModuleList(RRDB(channels, growth) for _ in range(blocks))
         self.affine = nn.ModuleList(nn.Linear(style_dim, 2 * channels) for _ in range(blocks))
+        for affine in self.affine:
+            # Start as a plain instance norm (gamma = beta = 0): at first the output depends on the input
+            # alone, and the code gains its influence as training finds it useful.
+            nn.init.zeros_(affine.weight)
+            nn.init.zeros_(affine.bias)
         self.conv = WNConv2d(channels, channels)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
@@ -100,15 +105,17 @@ class StyleBlock(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest x2, conv + LeakyReLU, conv + LeakyReLU."""
+    """Nearest x`scale`, conv + LeakyReLU, conv + LeakyReLU (scale 1: the colourization tower's last level)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, scale: int = 2):
         super().__init__()
+        self.scale = scale
         self.conv1 = WNConv2d(channels, channels)
         self.conv2 = WNConv2d(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.scale != 1:
+            x = F.interpolate(x, scale_factor=self.scale, mode="nearest")
         return leaky(self.conv2(leaky(self.conv1(x))))
 
 

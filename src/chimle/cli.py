@@ -143,15 +143,10 @@ def _is_user_error(error: Exception) -> bool:
     """Errors that describe bad input or a missing file, which the user can fix: shown without a traceback."""
     from chimle.checkpoint import CheckpointError
     from chimle.config import ConfigError
+    from chimle.data import DataError
     from chimle.tasks import TaskError
 
-    known: tuple[type[Exception], ...] = (CheckpointError, ConfigError, TaskError, FileNotFoundError)
-    try:
-        from chimle.data import DataError
-
-        known += (DataError,)
-    except ImportError:
-        pass
+    known = (CheckpointError, ConfigError, DataError, TaskError, FileNotFoundError)
     return isinstance(error, known)
 
 

@@ -46,6 +46,7 @@ class DataConfig:
     path: str = ""  # folder of training images; empty = the built-in sample set
     crop: int = 256  # side of the random training crops of the target, px (paper, super-resolution: 512)
     skip_bad: bool = False  # skip unreadable or too-small images with a warning instead of stopping
+    shuffle_channels: bool = False  # permute the RGB channels of each crop at random: more colours from few photos (paper: off)
     jpeg_quality: int = 10  # decompression: JPEG quality of the degraded input (1..95)
 
 
@@ -62,12 +63,14 @@ class TrainConfig:
     round_size: int = 400  # examples whose codes are searched together, a "month" (paper: 400)
     steps_per_round: int = 10_000  # optimisation steps with those codes fixed, a "day" (paper: 10,000)
     passes: int = 20  # passes over the training data (paper: 20)
+    rounds: int = 0  # rounds to train whatever the data size; 0 = as many as `passes` passes need (paper: 0)
     batch_size: int = 1  # examples per optimisation step (paper: 1)
     lr: float = 1e-4  # Adam learning rate (paper: 1e-4, constant)
     beta1: float = 0.9  # Adam beta1 (paper: 0.9)
     beta2: float = 0.999  # Adam beta2 (paper: 0.999)
     mapping_lr_scale: float = 0.01  # learning-rate factor of the mapping networks (paper: 0.01)
     perceptual: str = "vgg"  # LPIPS backbone for search and loss: vgg (paper) | alex (cheaper)
+    pixel_weight: float = 0.0  # weight of a mean-absolute-error term added to LPIPS in search and loss (paper: 0)
     seed: int = 0  # seed of crops, augmentation, candidate pools and initial weights
     checkpoint_every: int = 1000  # optimisation steps between checkpoints
     keep_checkpoints: int = 2  # resumable states kept on disk
@@ -235,12 +238,16 @@ def validate(config: Config) -> None:
         problems.append(f"search.samples_per_level={s.samples_per_level} needs one positive value per level ({m.levels})")
     if s.flat_samples < 0 or s.max_batch < 1:
         problems.append("search.flat_samples must be >= 0 and search.max_batch >= 1")
+    if t.rounds < 0:
+        problems.append(f"train.rounds={t.rounds} must be >= 0")
     for name in ("round_size", "steps_per_round", "passes", "batch_size", "checkpoint_every", "keep_checkpoints",
                  "grid_every", "log_every"):
         if getattr(t, name) < 1:
             problems.append(f"train.{name}={getattr(t, name)} must be >= 1")
     if not t.lr > 0 or not 0 <= t.beta1 < 1 or not 0 <= t.beta2 < 1 or not t.mapping_lr_scale >= 0:
         problems.append("train.lr must be > 0, train.beta1 and beta2 in [0, 1), train.mapping_lr_scale >= 0")
+    if not t.pixel_weight >= 0:
+        problems.append(f"train.pixel_weight={t.pixel_weight} must be >= 0")
     if t.perceptual not in ("vgg", "alex"):
         problems.append(f"train.perceptual={t.perceptual!r} must be 'vgg' or 'alex'")
     if d.crop < 2 ** m.levels or d.crop % 2 ** m.levels:

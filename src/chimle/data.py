@@ -71,15 +71,20 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, grey: bool = False) -> torch.Tensor:
-    """A file as a (3, H, W) float tensor in [0, 1] (or (1, H, W) if grey)."""
+def read_image(path: str | Path, grey: bool = False) -> torch.Tensor:
+    """A file as a (3, H, W) uint8 tensor (or (1, H, W) if grey)."""
     image = _to_rgb(_open(Path(path)))
     if grey:
         image = image.convert("L")
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def load_image(path: str | Path, grey: bool = False) -> torch.Tensor:
+    """A file as a (3, H, W) float tensor in [0, 1] (or (1, H, W) if grey)."""
+    return read_image(path, grey).float().div_(255)
 
 
 def save_image(image: torch.Tensor, path: str | Path) -> None:
@@ -138,9 +143,11 @@ class Example:
 class ImageFolder:
     """The training images of a folder, checked up front (readable header, large enough for the crop)."""
 
-    def __init__(self, folder: str | Path, crop: int, skip_bad: bool = False, augment: bool = True):
-        self.crop, self.skip_bad, self.augment = crop, skip_bad, augment
+    def __init__(self, folder: str | Path, crop: int, skip_bad: bool = False, augment: bool = True,
+                 shuffle_channels: bool = False):
+        self.crop, self.skip_bad, self.augment, self.shuffle_channels = crop, skip_bad, augment, shuffle_channels
         self.files: list[Path] = []
+        problems = []
         for path in list_images(folder):
             problem = self._check(path, crop)
             if problem is None:
@@ -148,7 +155,11 @@ class ImageFolder:
             elif skip_bad:
                 warnings.warn(f"skipping {problem}", stacklevel=2)
             else:
-                raise DataError(f"{problem}; remove it, or give --skip-bad to skip such files")
+                problems.append(problem)
+        if problems:
+            listed = "\n  ".join(problems[:20]) + (f"\n  ... {len(problems)} files in all" if len(problems) > 20 else "")
+            raise DataError(f"{len(problems)} unusable training image(s):\n  {listed}\n"
+                            "remove them, or give --skip-bad to skip such files")
         if not self.files:
             raise DataError(f"{folder}: none of the images can be used for {crop}x{crop} px crops")
         self._cache: dict[int, torch.Tensor] = {}
@@ -173,9 +184,10 @@ class ImageFolder:
         return len(self.files)
 
     def _image(self, index: int) -> torch.Tensor:
+        """Image `index` as uint8; the first 256 images read stay in memory (all of a small folder)."""
         if index not in self._cache:
-            image = load_image(self.files[index])
-            if len(self._cache) < 256:  # small folders stay in memory; large ones are read as needed
+            image = read_image(self.files[index])
+            if len(self._cache) < 256:
                 self._cache[index] = image
             return image
         return self._cache[index]
@@ -204,9 +216,11 @@ class ImageFolder:
         h, w = image.shape[-2:]
         top = int(torch.randint(0, h - self.crop + 1, (1,), generator=g))
         left = int(torch.randint(0, w - self.crop + 1, (1,), generator=g))
-        crop = image[:, top : top + self.crop, left : left + self.crop]
+        crop = image[:, top : top + self.crop, left : left + self.crop].float().div_(255)
         if self.augment:
             crop = dihedral(crop, int(torch.randint(0, 8, (1,), generator=g)))
+        if self.shuffle_channels:
+            crop = crop[torch.randperm(3, generator=g)]
         return Example(crop.contiguous(), self.files[index])
 
 

@@ -76,24 +76,12 @@ class Level(nn.Module):
         self.style = StyleBlock(channels, growth, cfg.blocks, cfg.style_dim)
         last = index == cfg.levels - 1
         if cfg.wiring == "colourization" and last:
-            self.up = Refine(channels)
+            self.up = Upsample(channels, scale=1)  # refines its features without upsampling
         elif cfg.wiring == "generic" and last:
             self.up = None  # the generic tower's last features go nowhere; the official file has them, unused
         else:
             self.up = Upsample(channels)
         self.out = WNConv2d(channels, cfg.out_channels)
-
-
-class Refine(nn.Module):
-    """The colourization tower's last `up`: conv + LeakyReLU twice, at the same resolution."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv1 = WNConv2d(channels, channels)
-        self.conv2 = WNConv2d(channels, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return leaky(self.conv2(leaky(self.conv1(x))))
 
 
 class Generator(nn.Module):

@@ -25,7 +25,7 @@ import torch
 
 from chimle.data import seeded
 from chimle.generator import Generator, Prefix
-from chimle.perceptual import LPIPS
+from chimle.perceptual import LPIPS, Distance
 from chimle.tasks import Task
 
 
@@ -92,7 +92,7 @@ class _Pools:
 @torch.no_grad()
 def hierarchical_search(
     generator: Generator,
-    lpips: LPIPS,
+    distance: Distance | LPIPS,
     task: Task,
     inputs: list[torch.Tensor],
     targets: list[torch.Tensor],
@@ -107,7 +107,7 @@ def hierarchical_search(
     group = max(1, max_batch // min(pool_sizes))
     with generator.folded():
         return _in_groups(group, inputs, targets, seeds, lambda x, y, s: _hierarchical_group(
-            generator, lpips, task, x, y, s, pool_sizes, max_batch))
+            generator, distance, task, x, y, s, pool_sizes, max_batch))
 
 
 def _in_groups(group: int, inputs, targets, seeds, search) -> SearchResult:
@@ -122,7 +122,7 @@ def _in_groups(group: int, inputs, targets, seeds, search) -> SearchResult:
     )
 
 
-def _hierarchical_group(generator, lpips, task, inputs, targets, seeds, pool_sizes, max_batch) -> SearchResult:
+def _hierarchical_group(generator, distance, task, inputs, targets, seeds, pool_sizes, max_batch) -> SearchResult:
     device = inputs[0].device
     count = inputs[0].shape[0]
     winners = torch.zeros(count, len(pool_sizes), dtype=torch.long)
@@ -130,7 +130,7 @@ def _hierarchical_group(generator, lpips, task, inputs, targets, seeds, pool_siz
     prefix = generator.start(inputs)
     for level, size in enumerate(pool_sizes):
         code_size = generator.code_sizes(prefix)[level]
-        target_features = lpips.features(targets[level])  # once per example and level
+        target_features = distance.features(targets[level])  # once per example and level
         pools = _Pools(seeds, level, size, code_size)
         best = torch.full((count,), float("inf"))
         chosen = torch.empty(count, code_size)
@@ -138,7 +138,7 @@ def _hierarchical_group(generator, lpips, task, inputs, targets, seeds, pool_siz
             examples = torch.cat([torch.full((end - start,), ex, dtype=torch.long) for ex, start, end in run])
             rows = [pools.rows(ex, start, end) for ex, start, end in run]
             index = examples.to(device)
-            scores = _score(generator, lpips, task, prefix.index(index), torch.cat(rows).to(device),
+            scores = _score(generator, distance, task, prefix.index(index), torch.cat(rows).to(device),
                             [f[index] for f in target_features]).cpu()
             offset = 0
             for (ex, start, end), candidates in zip(run, rows):
@@ -154,18 +154,18 @@ def _hierarchical_group(generator, lpips, task, inputs, targets, seeds, pool_siz
     return SearchResult(seeds.clone(), winners, list(pool_sizes), distances)
 
 
-def _score(generator: Generator, lpips: LPIPS, task: Task, prefix: Prefix, codes: torch.Tensor,
+def _score(generator: Generator, distance: Distance | LPIPS, task: Task, prefix: Prefix, codes: torch.Tensor,
            target_features: list[torch.Tensor]) -> torch.Tensor:
     """LPIPS distance of each candidate's output at `prefix.level` to its example's target."""
     level = prefix.level
     raw, _ = generator.render_level(prefix, codes)
-    return lpips.distance(lpips.features(task.image(raw, prefix.inputs, level)), target_features)
+    return distance.distance(distance.features(task.image(raw, prefix.inputs, level)), target_features)
 
 
 @torch.no_grad()
 def flat_search(
     generator: Generator,
-    lpips: LPIPS,
+    distance: Distance | LPIPS,
     task: Task,
     inputs: list[torch.Tensor],
     targets: list[torch.Tensor],
@@ -177,14 +177,14 @@ def flat_search(
     group = max(1, max_batch // pool_size)
     with generator.folded():
         return _in_groups(group, inputs, targets, seeds, lambda x, y, s: _flat_group(
-            generator, lpips, task, x, y, s, pool_size, max_batch))
+            generator, distance, task, x, y, s, pool_size, max_batch))
 
 
-def _flat_group(generator, lpips, task, inputs, targets, seeds, pool_size, max_batch) -> SearchResult:
+def _flat_group(generator, distance, task, inputs, targets, seeds, pool_size, max_batch) -> SearchResult:
     device = inputs[0].device
     count, levels = inputs[0].shape[0], generator.cfg.levels
     code_sizes = generator.code_sizes(generator.start(inputs))
-    target_features = lpips.features(targets[-1])
+    target_features = distance.features(targets[-1])
     pools = [_Pools(seeds, level, pool_size, code_sizes[level]) for level in range(levels)]
     scores = torch.empty(count, pool_size)
     for run in _chunks(count, pool_size, max_batch):
@@ -194,7 +194,7 @@ def _flat_group(generator, lpips, task, inputs, targets, seeds, pool_size, max_b
             codes = torch.cat([pools[level].rows(ex, start, end) for ex, start, end in run]).to(device)
             _, prefix = generator.render_level(prefix, codes)
         codes = torch.cat([pools[-1].rows(ex, start, end) for ex, start, end in run]).to(device)
-        scores_run = _score(generator, lpips, task, prefix, codes, [f[examples] for f in target_features])
+        scores_run = _score(generator, distance, task, prefix, codes, [f[examples] for f in target_features])
         offset = 0
         for ex, start, end in run:
             scores[ex, start:end] = scores_run[offset : offset + end - start].cpu()

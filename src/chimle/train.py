@@ -35,7 +35,7 @@ from chimle.checkpoint import MODEL_FILE, CheckpointError, atomic_write, save_mo
 from chimle.config import Config, from_dict
 from chimle.data import ImageFolder, builtin_photos, seeded
 from chimle.generator import Generator
-from chimle.perceptual import LPIPS
+from chimle.perceptual import LPIPS, Distance
 from chimle.search import SearchResult, codes_from, flat_search, hierarchical_search
 
 STATE_FORMAT = "chimle-state/1"
@@ -60,6 +60,9 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def total_rounds(config: Config, dataset_size: int) -> int:
+    """`train.rounds`, or enough rounds for `train.passes` passes over the data."""
+    if config.train.rounds:
+        return config.train.rounds
     return max(1, math.ceil(config.train.passes * dataset_size / config.train.round_size))
 
 
@@ -71,15 +74,15 @@ def draw_round(config: Config, dataset: ImageFolder, number: int, device: torch.
     return Round(number, [x.to(device) for x in inputs], [y.to(device) for y in targets])
 
 
-def search_round(config: Config, generator: Generator, lpips: LPIPS, batch: Round) -> SearchResult:
+def search_round(config: Config, generator: Generator, distance: Distance, batch: Round) -> SearchResult:
     """Choose every example's code (hierarchical, or flat cIMLE if configured)."""
     seeds = torch.randint(0, 2**62, (config.train.round_size,), generator=seeded(config.train.seed, 3, batch.number))
     task, s = tasks.get(config.task), config.search
     generator.eval()
     if s.flat:
         size = s.flat_samples or sum(s.samples_per_level)
-        return flat_search(generator, lpips, task, batch.inputs, batch.targets, seeds, size, s.max_batch)
-    return hierarchical_search(generator, lpips, task, batch.inputs, batch.targets, seeds, s.samples_per_level,
+        return flat_search(generator, distance, task, batch.inputs, batch.targets, seeds, size, s.max_batch)
+    return hierarchical_search(generator, distance, task, batch.inputs, batch.targets, seeds, s.samples_per_level,
                                s.max_batch)
 
 
@@ -89,11 +92,11 @@ def batch_indices(config: Config, step_in_round: int) -> torch.Tensor:
     return torch.arange(step_in_round * b, step_in_round * b + b) % size
 
 
-def level_losses(generator: Generator, lpips: LPIPS, task: tasks.Task, inputs: list[torch.Tensor],
+def level_losses(generator: Generator, distance: Distance, task: tasks.Task, inputs: list[torch.Tensor],
                  targets: list[torch.Tensor], codes: list[torch.Tensor]) -> torch.Tensor:
-    """LPIPS of each level's output to its target, averaged over the batch: (levels,)."""
+    """Distance of each level's output to its target, averaged over the batch: (levels,)."""
     raw = generator(inputs, codes)
-    return torch.stack([lpips(task.image(r, inputs, level), targets[level]).mean() for level, r in enumerate(raw)])
+    return torch.stack([distance(task.image(r, inputs, level), targets[level]).mean() for level, r in enumerate(raw)])
 
 
 def make_optimizer(config: Config, generator: Generator) -> torch.optim.Adam:
@@ -154,7 +157,8 @@ def _search_state(result: SearchResult | None) -> dict | None:
 
 
 def _prepare_run(config: Config, files: RunFiles, resume: bool) -> tuple[Config, dict | None]:
-    """Create the run directory, or reopen it to resume; the run's saved config wins over the command line."""
+    """Check that a new run does not overwrite another, or reopen a run to resume it (its saved config wins
+    over the command line)."""
     saved = files.dir / "config.yaml"
     if resume:
         if not saved.is_file():
@@ -165,8 +169,6 @@ def _prepare_run(config: Config, files: RunFiles, resume: bool) -> tuple[Config,
         return run_config, files.latest_state()
     if saved.exists() or files.states():
         raise CheckpointError(f"{files.dir} already holds a run; give --resume to continue it or choose another --out")
-    files.dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(saved, lambda tmp: tmp.write_text(config.to_yaml()))
     return config, None
 
 
@@ -180,14 +182,18 @@ def train(config: Config, out: str | Path, resume: bool = False, device: str | N
 
     # Load data.
     folder = config.data.path or builtin_photos("train")
-    dataset = ImageFolder(folder, config.data.crop, skip_bad=config.data.skip_bad)
+    dataset = ImageFolder(folder, config.data.crop, skip_bad=config.data.skip_bad,
+                          shuffle_channels=config.data.shuffle_channels)
     rounds = total_rounds(config, len(dataset))
     total_steps = rounds * t.steps_per_round
+    if state is None and not resume:  # only now, so that bad data leaves no half-made run behind
+        files.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(files.dir / "config.yaml", lambda tmp: tmp.write_text(config.to_yaml()))
 
     # Construct networks.
     torch.manual_seed(t.seed)
     generator = Generator(config.model).to(device)
-    lpips = LPIPS(t.perceptual).to(device)
+    distance = Distance(LPIPS(t.perceptual), t.pixel_weight).to(device)
     optimizer = make_optimizer(config, generator)
     step, search = 0, None
     if state is not None:
@@ -209,7 +215,7 @@ def train(config: Config, out: str | Path, resume: bool = False, device: str | N
         if search is None:
             bar.set_description(f"round {number + 1}/{rounds} search")
             started = time.perf_counter()
-            search = search_round(config, generator, lpips, batch)
+            search = search_round(config, generator, distance, batch)
             seconds = time.perf_counter() - started
             files.metrics({"event": "search", "round": number, "step": step, "seconds": round(seconds, 3),
                            "examples_per_second": round(t.round_size / seconds, 3),
@@ -221,7 +227,7 @@ def train(config: Config, out: str | Path, resume: bool = False, device: str | N
         bar.set_description(f"round {number + 1}/{rounds} train")
         while in_round < t.steps_per_round:
             index = batch_indices(config, in_round).to(device)
-            losses = level_losses(generator, lpips, task, [x[index] for x in batch.inputs],
+            losses = level_losses(generator, distance, task, [x[index] for x in batch.inputs],
                                   [y[index] for y in batch.targets], [c[index] for c in batch.codes])
             loss = losses.sum()
             optimizer.zero_grad(set_to_none=True)
