@@ -5,7 +5,6 @@
     chimle train --task super-resolution --data DIR --preset small --out runs/sr
     chimle sample --model runs/sr --input photo.png -n 8 --seed 0 --out samples/
     chimle convert official.pth --task super-resolution --out runs/official-sr
-    torchrun --nproc_per_node=4 -m chimle train ...  # many processes (see README)
 """
 
 from __future__ import annotations
@@ -27,6 +26,20 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
                         help="override one setting, e.g. -o model.blocks=2 -o train.lr=2e-4 (repeatable)")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chimle", description="Multimodal conditional image synthesis with "
                                      "Conditional Hierarchical IMLE: one input, many plausible outputs.")
@@ -44,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--task", required=True, help="task the file was trained for")
     convert.add_argument("--out", required=True, help="directory to write model.safetensors and config.yaml into")
 
-    train = commands.add_parser("train", help="train a model (resumable; torchrun for many processes)")
+    train = commands.add_parser("train", help="train a model (resumable with --resume)")
     _add_config_options(train)
     train.add_argument("--data", default=None, help="folder of training images (default: the built-in photos)")
     train.add_argument("--out", required=True, help="run directory (checkpoints, logs, sample grids)")
@@ -55,13 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="draw many outputs for each input")
     sample.add_argument("--model", required=True, help="run directory or model .safetensors file")
     sample.add_argument("--input", required=True, help="an image or a folder of images")
-    sample.add_argument("-n", "--num", type=int, default=8, help="samples per input (default: 8)")
+    sample.add_argument("-n", "--num", type=_positive, default=8, help="samples per input (default: 8)")
     sample.add_argument("--seed", type=int, default=0, help="seed; sample k of every input is reproducible alone")
     sample.add_argument("--out", required=True, help="folder for the samples and grids")
     sample.add_argument("--target", default=None, help="ground-truth image or folder (matched by file stem) for grids")
-    sample.add_argument("--keep-levels", type=int, default=0,
+    sample.add_argument("--keep-levels", type=_non_negative, default=0,
                         help="keep the first K levels' codes of sample --from-seed, resample the finer ones")
-    sample.add_argument("--from-seed", type=int, default=0, help="sample index whose coarse codes are kept")
+    sample.add_argument("--from-seed", type=_non_negative, default=0, help="sample index whose coarse codes are kept")
     sample.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 
     demo = commands.add_parser("demo", help="train a small super-resolution model on the built-in photos, then sample")

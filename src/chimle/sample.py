@@ -22,18 +22,11 @@ import torch.nn.functional as F
 
 from chimle import tasks
 from chimle.checkpoint import load_model
-from chimle.config import Config
+from chimle.config import Config, ConfigError
 from chimle.data import DataError, list_images, load_image, save_image, seeded
 from chimle.generator import Generator
 
 Source = tuple[int, int]  # (seed, sample index) whose stream draws a level's code
-
-
-def draw_codes(code_sizes: list[int], seed: int, index: int, keep_levels: int = 0,
-               from_index: int = 0) -> list[torch.Tensor]:
-    """Codes (1, size) per level of sample `index`; levels below `keep_levels` come from sample `from_index`."""
-    sources = [(seed, from_index) if level < keep_levels else (seed, index) for level in range(len(code_sizes))]
-    return codes_from_sources(code_sizes, sources)
 
 
 def codes_from_sources(code_sizes: list[int], sources: list[Source]) -> list[torch.Tensor]:
@@ -129,8 +122,8 @@ def image_grid(rows: list[list[torch.Tensor]], path: str | Path | None = None, p
 def sample_command(args) -> None:
     """`chimle sample`: every sample as STEM_K.png and a grid STEM_grid.png per input."""
     model = Model.load(args.model, args.device)
-    if args.num < 1:
-        raise ValueError("-n must be at least 1")
+    if args.keep_levels > model.levels:
+        raise ConfigError(f"--keep-levels {args.keep_levels}: the model has {model.levels} levels")
     files = list_images(args.input)
     targets = {p.stem: p for p in list_images(args.target)} if args.target else {}
     out = Path(args.out)

@@ -49,7 +49,6 @@ class Round:
     number: int
     inputs: list[torch.Tensor]  # input pyramid of all examples
     targets: list[torch.Tensor]  # target pyramid of all examples
-    search: SearchResult | None = None
     codes: list[torch.Tensor] | None = None  # regenerated from `search`, one (round_size, code size) per level
 
 
@@ -172,111 +171,146 @@ def _prepare_run(config: Config, files: RunFiles, resume: bool) -> tuple[Config,
     return config, None
 
 
+@dataclass
+class Run:
+    """What a training run works with."""
+
+    config: Config
+    files: RunFiles
+    generator: Generator
+    distance: Distance
+    optimizer: torch.optim.Optimizer
+    rounds: int
+    bar: tqdm | None = None
+    bad_steps: int = 0  # consecutive non-finite losses
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * self.config.train.steps_per_round
+
+
 def train(config: Config, out: str | Path, resume: bool = False, device: str | None = None) -> Path:
     """Train (or resume) the run in `out`; return the path of the final model file."""
     # Set up the run directory.
     files = RunFiles(out)
     config, state = _prepare_run(config, files, resume)
     device = pick_device(device)
-    task, t = tasks.get(config.task), config.train
+    t = config.train
 
     # Load data.
     folder = config.data.path or builtin_photos("train")
     dataset = ImageFolder(folder, config.data.crop, skip_bad=config.data.skip_bad,
                           shuffle_channels=config.data.shuffle_channels)
-    rounds = total_rounds(config, len(dataset))
-    total_steps = rounds * t.steps_per_round
     if state is None and not resume:  # only now, so that bad data leaves no half-made run behind
         files.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(files.dir / "config.yaml", lambda tmp: tmp.write_text(config.to_yaml()))
 
-    # Construct networks.
+    # Construct networks, or restore them.
     torch.manual_seed(t.seed)
     generator = Generator(config.model).to(device)
     distance = Distance(LPIPS(t.perceptual), t.pixel_weight).to(device)
-    optimizer = make_optimizer(config, generator)
+    run = Run(config, files, generator, distance, make_optimizer(config, generator),
+              total_rounds(config, len(dataset)))
     step, search = 0, None
     if state is not None:
         generator.load_state_dict(state["generator"])
-        optimizer.load_state_dict(state["optimizer"])
+        run.optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
-        if state["search"] is not None:
-            search = SearchResult(**state["search"])
+        search = None if state["search"] is None else SearchResult(**state["search"])
         files.log(f"resumed at step {step}")
     elif not resume:
-        files.log(f"{len(dataset)} training images from {folder}; {rounds} rounds of {t.steps_per_round} steps")
+        files.log(f"{len(dataset)} training images from {folder}; {run.rounds} rounds of {t.steps_per_round} steps")
 
-    # Rounds of search, then steps.
-    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, disable=None)
-    bad_steps, last_log = 0, time.perf_counter()
-    while step < total_steps:
-        number, in_round = divmod(step, t.steps_per_round)
-        batch = draw_round(config, dataset, number, device)
+    # Rounds: search codes for the round's examples, then take its steps.
+    run.bar = tqdm(total=run.total_steps, initial=step, unit="step", dynamic_ncols=True, disable=None)
+    while step < run.total_steps:
+        batch = draw_round(config, dataset, step // t.steps_per_round, device)
         if search is None:
-            bar.set_description(f"round {number + 1}/{rounds} search")
-            started = time.perf_counter()
-            search = search_round(config, generator, distance, batch)
-            seconds = time.perf_counter() - started
-            files.metrics({"event": "search", "round": number, "step": step, "seconds": round(seconds, 3),
-                           "examples_per_second": round(t.round_size / seconds, 3),
-                           "distance_per_level": search.distances.mean(0).tolist()})
-            files.save_state(_state(config, generator, optimizer, step, search), step, t.keep_checkpoints)
-        code_sizes = generator.code_sizes(generator.start([x[:1] for x in batch.inputs]))
-        batch.codes = codes_from(search, code_sizes, device)
-        generator.train()
-        bar.set_description(f"round {number + 1}/{rounds} train")
-        while in_round < t.steps_per_round:
-            index = batch_indices(config, in_round).to(device)
-            losses = level_losses(generator, distance, task, [x[index] for x in batch.inputs],
-                                  [y[index] for y in batch.targets], [c[index] for c in batch.codes])
-            loss = losses.sum()
-            optimizer.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
-                loss.backward()
-                optimizer.step()
-                bad_steps = 0
-            else:
-                bad_steps += 1
-                warnings.warn(f"step {step}: non-finite loss ({loss.item()}); the step is skipped", stacklevel=1)
-                if bad_steps >= MAX_BAD_STEPS:
-                    raise FloatingPointError(
-                        f"{MAX_BAD_STEPS} non-finite losses in a row at step {step}; lower train.lr and resume "
-                        "from the last checkpoint"
-                    )
-            step, in_round = step + 1, in_round + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if step % t.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                rate = t.log_every / max(now - last_log, 1e-9)
-                last_log = now
-                record = {"event": "train", "step": step, "round": number, "loss": loss.item(),
-                          "loss_per_level": [round(v, 5) for v in losses.tolist()], "steps_per_second": round(rate, 3)}
-                files.metrics(record)
-                files.log(f"step {step:7d}  round {number}  loss {loss.item():.4f}  "
-                          f"levels {' '.join(f'{v:.3f}' for v in losses.tolist())}  {rate:.2f} steps/s")
-            if step % t.grid_every == 0 or step == total_steps:
-                write_grid(config, generator, batch, files.grids / f"step-{step:09d}.png")
-            finished_round = in_round == t.steps_per_round
-            if step % t.checkpoint_every == 0 or finished_round:
-                next_search = None if finished_round else search
-                files.save_state(_state(config, generator, optimizer, step, next_search), step, t.keep_checkpoints)
-                save_model(files.dir / MODEL_FILE, generator, config)
+            search = _search(run, batch, step)
+        step = _train_round(run, batch, search, step)
         search = None
-    bar.close()
+    run.bar.close()
+
+    # Done.
     save_model(files.dir / MODEL_FILE, generator, config)
     files.log(f"done: {step} steps")
     return files.dir / MODEL_FILE
 
 
-def _state(config: Config, generator: Generator, optimizer, step: int, search: SearchResult | None) -> dict:
+def _search(run: Run, batch: Round, step: int) -> SearchResult:
+    """Search the round's codes, record how it went, and checkpoint so a resumed run need not search again."""
+    t = run.config.train
+    run.bar.set_description(f"round {batch.number + 1}/{run.rounds} search")
+    started = time.perf_counter()
+    search = search_round(run.config, run.generator, run.distance, batch)
+    seconds = time.perf_counter() - started
+    run.files.metrics({"event": "search", "round": batch.number, "step": step, "seconds": round(seconds, 3),
+                       "examples_per_second": round(t.round_size / seconds, 3),
+                       "distance_per_level": search.distances.mean(0).tolist()})
+    run.files.save_state(_state(run, step, search), step, t.keep_checkpoints)
+    return search
+
+
+def _train_round(run: Run, batch: Round, search: SearchResult, step: int) -> int:
+    """The round's optimisation steps from `step` on, with logs, grids and checkpoints; returns the new step."""
+    config, t, generator = run.config, run.config.train, run.generator
+    sizes = generator.code_sizes(generator.start([x[:1] for x in batch.inputs]))
+    batch.codes = codes_from(search, sizes, batch.inputs[0].device)
+    run.bar.set_description(f"round {batch.number + 1}/{run.rounds} train")
+    busy = 0.0  # seconds spent in steps since the last log line
+    for in_round in range(step % t.steps_per_round, t.steps_per_round):
+        started = time.perf_counter()
+        losses = _step(run, batch, batch_indices(config, in_round).to(batch.inputs[0].device), step)
+        busy += time.perf_counter() - started
+        step += 1
+        run.bar.update(1)
+        run.bar.set_postfix(loss=f"{losses.sum().item():.4f}")
+        if step % t.log_every == 0 or step == run.total_steps:
+            rate = t.log_every / max(busy, 1e-9)
+            busy = 0.0
+            run.files.metrics({"event": "train", "step": step, "round": batch.number, "loss": losses.sum().item(),
+                               "loss_per_level": [round(v, 5) for v in losses.tolist()],
+                               "steps_per_second": round(rate, 3)})
+            run.files.log(f"step {step:7d}  round {batch.number}  loss {losses.sum().item():.4f}  "
+                          f"levels {' '.join(f'{v:.3f}' for v in losses.tolist())}  {rate:.2f} steps/s")
+        if step % t.grid_every == 0 or step == run.total_steps:
+            write_grid(config, generator, batch, run.files.grids / f"step-{step:09d}.png")
+        finished = in_round + 1 == t.steps_per_round
+        if step % t.checkpoint_every == 0 or finished:
+            run.files.save_state(_state(run, step, None if finished else search), step, t.keep_checkpoints)
+            save_model(run.files.dir / MODEL_FILE, generator, config)
+    return step
+
+
+def _step(run: Run, batch: Round, index: torch.Tensor, step: int) -> torch.Tensor:
+    """One Adam step on the examples `index` of the round; a non-finite loss skips the step (and, repeated,
+    stops training). Returns the per-level losses."""
+    run.generator.train()
+    losses = level_losses(run.generator, run.distance, tasks.get(run.config.task), [x[index] for x in batch.inputs],
+                          [y[index] for y in batch.targets], [c[index] for c in batch.codes])
+    loss = losses.sum()
+    run.optimizer.zero_grad(set_to_none=True)
+    if torch.isfinite(loss):
+        loss.backward()
+        run.optimizer.step()
+        run.bad_steps = 0
+        return losses.detach()
+    run.bad_steps += 1
+    warnings.warn(f"step {step}: non-finite loss ({loss.item()}); the step is skipped", stacklevel=1)
+    if run.bad_steps >= MAX_BAD_STEPS:
+        raise FloatingPointError(f"{MAX_BAD_STEPS} non-finite losses in a row at step {step}; lower train.lr and "
+                                 "resume from the last checkpoint")
+    return losses.detach()
+
+
+def _state(run: Run, step: int, search: SearchResult | None) -> dict:
     """Everything a resumed run needs (loads with torch.load(weights_only=True))."""
     return {
         "format": STATE_FORMAT,
-        "config": config.to_yaml(),
+        "config": run.config.to_yaml(),
         "step": step,
-        "generator": {k: v.detach().cpu() for k, v in generator.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
+        "generator": {k: v.detach().cpu() for k, v in run.generator.state_dict().items()},
+        "optimizer": run.optimizer.state_dict(),
         "search": _search_state(search),
     }
 
@@ -285,7 +319,7 @@ def _state(config: Config, generator: Generator, optimizer, step: int, search: S
 def write_grid(config: Config, generator: Generator, batch: Round, path: Path, examples: int = 4,
                samples: int = 4) -> None:
     """A grid of the first examples of the round: input, the searched sample, random samples, target."""
-    from chimle.sample import draw_codes, image_grid
+    from chimle.sample import codes_from_sources, image_grid
 
     task = tasks.get(config.task)
     generator.eval()
@@ -295,8 +329,8 @@ def write_grid(config: Config, generator: Generator, batch: Round, path: Path, e
             inputs = [x[i : i + 1] for x in batch.inputs]
             sizes = generator.code_sizes(generator.start(inputs))
             codes = [[c[i : i + 1] for c in batch.codes]]
-            codes += [[c.to(inputs[0].device) for c in draw_codes(sizes, config.train.seed, k)] for k in range(samples)]
+            sources = [[(config.train.seed, k)] * len(sizes) for k in range(samples)]
+            codes += [[c.to(inputs[0].device) for c in codes_from_sources(sizes, s)] for s in sources]
             outputs = [task.image(generator(inputs, c)[-1], inputs, config.model.levels - 1)[0] for c in codes]
             rows.append([batch.inputs[0][i][:3], *outputs, batch.targets[-1][i]])
-    generator.train()
     image_grid(rows, path)
