@@ -36,9 +36,6 @@ class SearchResult:
     pool_sizes: list[int]  # candidates per level (flat search: its single pool size at every level)
     distances: torch.Tensor  # (B, levels) LPIPS of the chosen candidate at each level (flat: the last level only)
 
-    def select(self, index: torch.Tensor) -> SearchResult:
-        return SearchResult(self.seeds[index], self.winners[index], self.pool_sizes, self.distances[index])
-
 
 def pool(seed: int, level: int, size: int, code_size: int) -> torch.Tensor:
     """The candidate codes of one example at one level, (size, code_size), drawn on the CPU from (seed, level)."""
