@@ -72,7 +72,7 @@ def test_training_folder_refuses_or_skips_bad_files(tmp_path):
     with pytest.raises(DataError) as error:
         ImageFolder(tmp_path, crop=32)
     message = str(error.value)
-    assert "2 unusable" in message and "small.png: 40x10 px is smaller than the 32 px crop" in message
+    assert "2 unusable" in message and "small.png: 40x10 px is smaller than the 32x32 px crop" in message
     assert "broken.jpg: not a readable image" in message and "--skip-bad" in message
     with pytest.warns(UserWarning, match="skipping"):
         folder = ImageFolder(tmp_path, crop=32, skip_bad=True)

@@ -4,7 +4,7 @@ import torch
 from chimle.generator import Generator
 from chimle.perceptual import LPIPS
 from chimle.search import codes_from, flat_search, hierarchical_search, pool
-from chimle.tasks import get
+from chimle.tasks import get, pyramid
 from conftest import randomize, tiny_config
 
 
@@ -47,7 +47,7 @@ def test_results_do_not_depend_on_batch_or_chunk_sizes(lpips):
     g, task = setup(seed=1)
     gen = torch.Generator().manual_seed(1)
     inputs = [torch.rand(5, 3, 4, 4, generator=gen)]
-    targets = task.pair(torch.rand(5, 3, 16, 16, generator=gen), 2)[1]
+    targets = pyramid(torch.rand(5, 3, 16, 16, generator=gen), 2)
     seeds = torch.arange(100, 105)
     results = [hierarchical_search(g, lpips, task, inputs, targets, seeds, [7, 6], max_batch=b) for b in (1, 5, 13, 64)]
     for r in results[1:]:
@@ -63,7 +63,7 @@ def test_regenerated_codes_equal_the_chosen_ones(lpips):
     g, task = setup(seed=2)
     gen = torch.Generator().manual_seed(2)
     inputs = [torch.rand(4, 3, 4, 4, generator=gen)]
-    targets = task.pair(torch.rand(4, 3, 16, 16, generator=gen), 2)[1]
+    targets = pyramid(torch.rand(4, 3, 16, 16, generator=gen), 2)
     seeds = torch.tensor([3, 1, 4, 1])
     result = hierarchical_search(g, lpips, task, inputs, targets, seeds, [6, 5], max_batch=8)
     codes = codes_from(result, g.code_sizes(g.start(inputs)))

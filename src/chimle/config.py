@@ -11,6 +11,7 @@ fixed, and "TIM" (Tower Implicit Model) is the generator.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -43,11 +44,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # folder of training images; empty = the built-in sample set
-    crop: int = 256  # side of the random training crops of the target, px (paper, super-resolution: 512)
+    path: str = ""  # folder of training images (targets; paired: A|B images if `inputs` is empty); empty = built in
+    inputs: str = ""  # folder of given inputs matched to `path` by file stem (paired: input images; layout: label maps)
+    crop: int = 256  # height (and width) of the random training crops of the target, px (paper, super-resolution: 512)
+    crop_width: int = 0  # width of the crops if not square, px; 0 = `crop` (Cityscapes at 256 x 512: 512)
     skip_bad: bool = False  # skip unreadable or too-small images with a warning instead of stopping
     shuffle_channels: bool = False  # permute the RGB channels of each crop at random: more colours from few photos (paper: off)
-    jpeg_quality: int = 10  # decompression: JPEG quality of the degraded input (1..95)
+    jpeg_quality: int = 10  # decompression: JPEG quality of the degraded input, 1..95 (paper data: 1)
+    jpeg_subsampling: str = "4:2:0"  # decompression: JPEG chroma subsampling, 4:4:4 | 4:2:2 | 4:2:0 (Pillow's default)
+    palette: str = "cityscapes"  # layout: label colours, cityscapes | builtin | a palette JSON file
+    palette_colours: list[int] = field(default_factory=list)  # layout: the palette's class colours r,g,b,... (filled in)
+    void_colours: list[int] = field(default_factory=list)  # layout: colours meaning "no class" r,g,b,... (filled in)
+    rebalance: bool = False  # layout: draw rare-looking examples more often and weigh rare pixels more (paper: on)
+    rebalance_classes: list[int] = field(default_factory=list)  # layout: classes driving it; empty = those in half the images
+    rebalance_floor: float = 0.1  # layout: least loss weight of a pixel of a common-looking class
 
 
 @dataclass
@@ -56,6 +66,7 @@ class SearchConfig:
     flat: bool = False  # flat cIMLE instead: one pool of full codes judged at the last level only
     flat_samples: int = 0  # pool size of the flat search; 0 = the hierarchical pools' total render count
     max_batch: int = 64  # most candidate renders run at once (the memory budget of the search)
+    zero_codes: bool = False  # regression baseline: no search, every code zero (same network, same loss)
 
 
 @dataclass
@@ -211,14 +222,31 @@ def resolve(
     config = merge(config, entry.model_overrides(), where=f"task '{entry.name}'")
     config = merge(config, from_file, where=str(file))
     config = merge(config, user, where="command line")
+    config = _fill_palette(config)
     validate(config)
     return config
+
+
+def _fill_palette(config: Config) -> Config:
+    """A layout model's input channels come from its palette, stored in the config so the model file is enough
+    to read label maps at sampling time."""
+    if config.task != "layout":
+        return config
+    from chimle.labels import palette_of
+
+    palette = palette_of(config)
+    colours, void = palette.flat()
+    return merge(config, {"data": {"palette_colours": colours, "void_colours": void},
+                          "model": {"in_channels": palette.channels}}, where=f"palette '{config.data.palette}'")
 
 
 def validate(config: Config) -> None:
     """Refuse values that cannot work, with the field, the value and what is allowed."""
     m, s, t, d = config.model, config.search, config.train, config.data
-    problems = []
+    problems = [f"{section}.{f.name}={getattr(part, f.name)} must be a finite number"
+                for section, part in (("model", m), ("data", d), ("search", s), ("train", t))
+                for f in dataclasses.fields(part)
+                if isinstance(getattr(part, f.name), float) and not math.isfinite(getattr(part, f.name))]
     if m.wiring not in WIRINGS:
         problems.append(f"model.wiring={m.wiring!r} must be one of {WIRINGS}")
     if m.levels < 1:
@@ -250,9 +278,17 @@ def validate(config: Config) -> None:
         problems.append(f"train.pixel_weight={t.pixel_weight} must be >= 0")
     if t.perceptual not in ("vgg", "alex"):
         problems.append(f"train.perceptual={t.perceptual!r} must be 'vgg' or 'alex'")
-    if d.crop < 2 ** m.levels or d.crop % 2 ** m.levels:
-        problems.append(f"data.crop={d.crop} must be a positive multiple of 2**levels = {2 ** m.levels}")
+    for name in ("crop", "crop_width"):
+        value = getattr(d, name)
+        if (name == "crop" or value) and (value < 2**m.levels or value % 2**m.levels):
+            problems.append(f"data.{name}={value} must be a positive multiple of 2**levels = {2 ** m.levels}")
     if not 1 <= d.jpeg_quality <= 95:
         problems.append(f"data.jpeg_quality={d.jpeg_quality} must be in 1..95")
+    if d.jpeg_subsampling not in ("4:4:4", "4:2:2", "4:2:0"):
+        problems.append(f"data.jpeg_subsampling={d.jpeg_subsampling!r} must be 4:4:4, 4:2:2 or 4:2:0")
+    if len(d.palette_colours) % 3 or len(d.void_colours) % 3:
+        problems.append("data.palette_colours and data.void_colours must hold r,g,b triples")
+    if not 0 < d.rebalance_floor <= 1:
+        problems.append(f"data.rebalance_floor={d.rebalance_floor} must be in (0, 1]")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

@@ -136,20 +136,59 @@ def seeded(*numbers: int) -> torch.Generator:
 
 @dataclass
 class Example:
-    image: torch.Tensor  # the (3, crop, crop) target crop
+    image: torch.Tensor  # the (3, h, w) target crop
     file: Path  # the file it came from
+    source: torch.Tensor | None = None  # the given input, aligned with `image` (paired, layout); None: derived
+    weight: torch.Tensor | None = None  # per-pixel loss weights (1, h, w) (layout rebalancing); None: uniform
+
+
+def _crop_size(crop: int | tuple[int, int]) -> tuple[int, int]:
+    return (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file as it will be read (EXIF rotation applied), from its header only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            size = image.size
+            # A PNG without an eXIf chunk has no orientation (and getexif() would decode the whole image).
+            has_exif = image.format != "PNG" or "exif" in image.info
+            if has_exif and image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientation swaps width and height
+                size = size[::-1]
+    return size
+
+
+def image_mode(path: Path) -> str:
+    """The Pillow mode of an image file, from its header."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            return image.mode
+
+
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F"}
+
+
+def _listing(problems: list[str]) -> str:
+    return "\n  ".join(problems[:20]) + (f"\n  ... {len(problems)} in all" if len(problems) > 20 else "")
 
 
 class ImageFolder:
-    """The training images of a folder, checked up front (readable header, large enough for the crop)."""
+    """The training images of a folder, checked up front (readable header, large enough for the crop).
 
-    def __init__(self, folder: str | Path, crop: int, skip_bad: bool = False, augment: bool = True,
-                 shuffle_channels: bool = False):
-        self.crop, self.skip_bad, self.augment, self.shuffle_channels = crop, skip_bad, augment, shuffle_channels
+    Subclasses hold several aligned planes per example (an input and its target, a label map and its photo);
+    every plane of an example gets the same crop and flip."""
+
+    def __init__(self, folder: str | Path, crop: int | tuple[int, int], skip_bad: bool = False, augment: bool = True,
+                 shuffle_channels: bool = False, colour: bool = False):
+        self.crop = _crop_size(crop)
+        self.colour = colour  # refuse greyscale images (colourization learns colour from its targets)
+        self.skip_bad, self.augment, self.shuffle_channels = skip_bad, augment, shuffle_channels
         self.files: list[Path] = []
         problems = []
-        for path in list_images(folder):
-            problem = self._check(path, crop)
+        for path in self._candidates(folder):
+            problem = self._check(path)
             if problem is None:
                 self.files.append(path)
             elif skip_bad:
@@ -157,53 +196,75 @@ class ImageFolder:
             else:
                 problems.append(problem)
         if problems:
-            listed = "\n  ".join(problems[:20]) + (f"\n  ... {len(problems)} files in all" if len(problems) > 20 else "")
-            raise DataError(f"{len(problems)} unusable training image(s):\n  {listed}\n"
+            raise DataError(f"{len(problems)} unusable training image(s):\n  {_listing(problems)}\n"
                             "remove them, or give --skip-bad to skip such files")
         if not self.files:
-            raise DataError(f"{folder}: none of the images can be used for {crop}x{crop} px crops")
-        self._cache: dict[int, torch.Tensor] = {}
+            raise DataError(f"{folder}: none of the images can be used for {self.crop[1]}x{self.crop[0]} px crops")
+        self._cache: dict[int, list[torch.Tensor]] = {}
         self._bad: set[int] = set()
 
+    def _candidates(self, folder: str | Path) -> list[Path]:
+        return list_images(folder)
+
+    def _check(self, path: Path) -> str | None:
+        """Why `path` cannot be used, or None."""
+        problem = self._check_size(path, self.crop)
+        if problem is None and self.colour and image_mode(path) in GREY_MODES:
+            return f"{path}: greyscale image; the colourization task learns colour from its targets"
+        return problem
+
     @staticmethod
-    def _check(path: Path, crop: int) -> str | None:
+    def _check_size(path: Path, crop: tuple[int, int], factor: int = 1) -> str | None:
         if path.stat().st_size == 0:
             return f"{path}: empty file"
         try:
-            with Image.open(path) as image:
-                size = image.size
-                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientation swaps width and height
-                    size = size[::-1]
+            width, height = image_size(path)
+        except Image.DecompressionBombError:
+            width = height = MAX_PIXELS
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
             return f"{path}: not a readable image ({error.__class__.__name__})"
-        if min(size) < crop:
-            return f"{path}: {size[0]}x{size[1]} px is smaller than the {crop} px crop"
+        if width * height > MAX_PIXELS:
+            return f"{path}: the image is implausibly large (decompression-bomb guard, {MAX_PIXELS:,} px); downscale it first"
+        width //= factor
+        if height < crop[0] or width < crop[1]:
+            return f"{path}: {width}x{height} px is smaller than the {crop[1]}x{crop[0]} px crop"
         return None
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def _image(self, index: int) -> torch.Tensor:
-        """Image `index` as uint8; the first 256 images read stay in memory (all of a small folder)."""
+    def _load(self, index: int) -> list[torch.Tensor]:
+        """The aligned planes of example file `index` at full size, as uint8 (C, H, W): here just the image."""
+        image = read_image(self.files[index])
+        if self.colour and torch.equal(image[0], image[1]) and torch.equal(image[1], image[2]):
+            raise DataError(f"{self.files[index]}: greyscale image (its RGB channels are equal); the colourization "
+                            "task learns colour from its targets: remove it or give --skip-bad")
+        return [image]
+
+    def _planes(self, index: int) -> list[torch.Tensor]:
+        """`_load`, with the first 256 files kept in memory (all of a small folder)."""
         if index not in self._cache:
-            image = read_image(self.files[index])
+            planes = self._load(index)
             if len(self._cache) < 256:
-                self._cache[index] = image
-            return image
+                self._cache[index] = planes
+            return planes
         return self._cache[index]
+
+    def _order(self, seed: int, number: int) -> list[int]:
+        """File indices to try for example `number`: a fresh shuffle per pass over the data."""
+        n = len(self.files)
+        order = torch.randperm(n, generator=seeded(seed, 1, number // n))
+        return [int(order[(number + offset) % n]) for offset in range(n)]
 
     def example(self, seed: int, number: int) -> Example:
         """Training example `number` of the run seeded `seed`: a shuffled pass order, a random crop, a random
         dihedral transform; the same (seed, number) always gives the same example. With skip_bad, a file that
         fails to decode is replaced by the next one in the pass order (the same one every time)."""
-        n = len(self.files)
-        order = torch.randperm(n, generator=seeded(seed, 1, number // n))
-        for offset in range(n):
-            index = int(order[(number + offset) % n])
+        for index in self._order(seed, number):
             if index in self._bad:
                 continue
             try:
-                image = self._image(index)
+                planes = self._planes(index)
                 break
             except DataError as error:
                 if not self.skip_bad:
@@ -211,17 +272,69 @@ class ImageFolder:
                 warnings.warn(f"skipping {error}", stacklevel=2)
                 self._bad.add(index)
         else:
-            raise DataError(f"none of the {n} training images could be decoded")
+            raise DataError(f"none of the {len(self.files)} training images could be decoded")
         g = seeded(seed, 2, number)
-        h, w = image.shape[-2:]
-        top = int(torch.randint(0, h - self.crop + 1, (1,), generator=g))
-        left = int(torch.randint(0, w - self.crop + 1, (1,), generator=g))
-        crop = image[:, top : top + self.crop, left : left + self.crop].float().div_(255)
+        (ch, cw), (h, w) = self.crop, planes[0].shape[-2:]
+        top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+        planes = [p[:, top : top + ch, left : left + cw] for p in planes]
         if self.augment:
-            crop = dihedral(crop, int(torch.randint(0, 8, (1,), generator=g)))
-        if self.shuffle_channels:
-            crop = crop[torch.randperm(3, generator=g)]
-        return Example(crop.contiguous(), self.files[index])
+            # All 8 flips/transposes of square crops; non-square crops keep their shape (no transposes).
+            choice = int(torch.randint(0, 8, (1,), generator=g)) if ch == cw else 2 * int(torch.randint(0, 4, (1,), generator=g))
+            planes = [dihedral(p, choice) for p in planes]
+        permutation = torch.randperm(3, generator=g) if self.shuffle_channels else None
+        return self._example(planes, index, permutation)
+
+    def _example(self, planes: list[torch.Tensor], index: int, permutation: torch.Tensor | None) -> Example:
+        image = planes[0].float().div_(255)
+        if permutation is not None:
+            image = image[permutation]
+        return Example(image.contiguous(), self.files[index])
+
+
+class PairedFolder(ImageFolder):
+    """Aligned (input, target) pairs: two folders matched by file stem, or single images holding the input on the
+    left and the target on the right (the pix2pix "A|B" format) when `inputs` is None."""
+
+    def __init__(self, folder: str | Path, inputs: str | Path | None, crop: int | tuple[int, int],
+                 skip_bad: bool = False, augment: bool = True, shuffle_channels: bool = False):
+        self.inputs: dict[str, Path] = {}
+        if inputs is not None:
+            targets = {p.stem: p for p in list_images(folder)}
+            self.inputs = {p.stem: p for p in list_images(inputs)}
+            missing = sorted(set(targets) ^ set(self.inputs))
+            if missing:
+                where = [f"{stem}: only in {folder if stem in targets else inputs}" for stem in missing]
+                raise DataError(f"{len(missing)} unmatched pair(s) (inputs and targets are matched by file stem):\n  "
+                                f"{_listing(where)}\nadd or remove files so both folders hold the same stems")
+        super().__init__(folder, crop, skip_bad, augment, shuffle_channels)
+
+    def _check(self, path: Path) -> str | None:
+        if not self.inputs:
+            problem = self._check_size(path, self.crop, factor=2)
+            if problem is None and image_size(path)[0] % 2:
+                return f"{path}: an A|B image must have an even width (input left, target right)"
+            return problem
+        source = self.inputs[path.stem]
+        problem = self._check_size(path, self.crop) or self._check_size(source, self.crop)
+        if problem is None and image_size(path) != image_size(source):
+            (w, h), (iw, ih) = image_size(path), image_size(source)
+            return f"{path} is {w}x{h} px but its input {source} is {iw}x{ih} px: a pair must have the same size"
+        return problem
+
+    def _load(self, index: int) -> list[torch.Tensor]:
+        path = self.files[index]
+        if not self.inputs:
+            both = read_image(path)
+            half = both.shape[-1] // 2
+            return [both[..., half:], both[..., :half]]
+        return [read_image(path), read_image(self.inputs[path.stem])]
+
+    def _example(self, planes: list[torch.Tensor], index: int, permutation: torch.Tensor | None) -> Example:
+        image, source = (p.float().div_(255) for p in planes)
+        if permutation is not None:
+            image, source = image[permutation], source[permutation]
+        return Example(image.contiguous(), self.files[index], source=source.contiguous())
 
 
 def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:

@@ -1,17 +1,33 @@
-"""The task registry: one entry per task, saying how a training pair becomes input and target pyramids, how the
-generator is wired, and how its raw outputs become images.
+"""The task registry: one entry per task, saying how a training example becomes input and target pyramids,
+how the generator is wired, how its raw outputs become images, and how a target is degraded into the input a
+user would give (the operator the metrics use for consistency checks and baselines).
 
 Every image tensor here is float, (N, C, H, W), in [0, 1]. A target pyramid has one image per generator level,
 at that level's output resolution; an input pyramid is what `Generator.start` takes.
+
+    task                input given to the model                  levels see                   predicts
+    super-resolution    the image downsampled by 2**levels         level 0 only                 RGB
+    colourization       any image, reduced to its Lab L channel    L of each pyramid level      a, b chroma
+    decompression       a JPEG-compressed image                    the pyramid of it            RGB
+    layout              a semantic label map (one-hot + void)      nearest-neighbour pyramid    RGB
+    paired              any aligned image (e.g. a night photo)     the pyramid of it            RGB
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
+from chimle.colour import grey, lab_to_rgb, lightness
+
+if TYPE_CHECKING:
+    from chimle.config import Config
 
 
 class TaskError(ValueError):
@@ -25,32 +41,98 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
 
 
-def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+def downsample(x: torch.Tensor, factor: int, mode: str = "bicubic") -> torch.Tensor:
+    """x at 1/factor of its size: anti-aliased bicubic, or nearest neighbour (for label maps)."""
     h, w = x.shape[-2:]
     if h % factor or w % factor:
         raise TaskError(f"an image of {w}x{h} px cannot be downsampled by {factor}: both sides must be multiples of it")
+    if mode == "nearest":
+        return x[..., ::factor, ::factor]
     return resize(x, (h // factor, w // factor))
 
 
-def pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
+def pyramid(x: torch.Tensor, levels: int, mode: str = "bicubic") -> list[torch.Tensor]:
     """x at 1/2**(levels-1), ..., 1/2, 1 of its size: the target resolutions of a generic tower."""
-    return [downsample(x, 2 ** (levels - 1 - level)) for level in range(levels)]
+    return [downsample(x, 2 ** (levels - 1 - level), mode) for level in range(levels)]
+
+
+def jpeg(x: torch.Tensor, quality: int, subsampling: str = "4:2:0") -> torch.Tensor:
+    """Each image of a batch encoded and decoded by Pillow's JPEG (libjpeg-turbo, deterministic)."""
+    out = []
+    for image in x:
+        array = image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=quality, subsampling=subsampling)
+        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.uint8)
+        out.append(torch.from_numpy(decoded.copy()).permute(2, 0, 1).float().div_(255))
+    return torch.stack(out).to(x.device)
+
+
+# How raw tanh outputs become images ----------------------------------------------------------------------------
 
 
 def tanh_to_unit(raw: torch.Tensor, level_input: torch.Tensor | None) -> torch.Tensor:
     return (raw + 1) / 2
 
 
+def chroma_to_rgb(raw: torch.Tensor, level_input: torch.Tensor) -> torch.Tensor:
+    """Colourization: the level's L input (L/100) and its two predicted chroma channels, pre-multiplied by
+    luminance as in the official release (a = 127 * a_hat / max(L, 0.01), likewise b), as sRGB."""
+    L = level_input
+    ab = 127 * raw / L.clamp_min(0.01)
+    return lab_to_rgb(torch.cat([100 * L, ab], dim=1))
+
+
+# Degradations: target -> the input a user would give ---------------------------------------------------------
+
+
+def _sr_degrade(target: torch.Tensor, config: Config) -> torch.Tensor:
+    return downsample(target, 2**config.model.levels)
+
+
+def _colour_degrade(target: torch.Tensor, config: Config) -> torch.Tensor:
+    return grey(target)
+
+
+def _jpeg_degrade(target: torch.Tensor, config: Config) -> torch.Tensor:
+    return jpeg(target, config.data.jpeg_quality, config.data.jpeg_subsampling)
+
+
+# Input pyramids: a given input -> what the generator's levels take ---------------------------------------------
+
+
+def _sr_inputs(image: torch.Tensor, config: Config) -> list[torch.Tensor]:
+    return [image]
+
+
+def _colour_inputs(image: torch.Tensor, config: Config) -> list[torch.Tensor]:
+    return [lightness(x) / 100 for x in pyramid(image, config.model.levels)]
+
+
+def _generic_inputs(image: torch.Tensor, config: Config) -> list[torch.Tensor]:
+    return pyramid(image, config.model.levels)
+
+
+def _layout_inputs(onehot: torch.Tensor, config: Config) -> list[torch.Tensor]:
+    return pyramid(onehot, config.model.levels, mode="nearest")
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
     wiring: str  # generator wiring, see chimle.generator
-    in_channels: int  # image channels fed to each level
+    in_channels: int  # image channels fed to each level (layout: set from the palette)
     out_channels: int  # channels each level predicts
     summary: str  # one line for help texts
-    make_pair: Callable | None = None  # (target batch, config) -> (input pyramid, target pyramid)
-    make_inputs: Callable | None = None  # (input batch as given by a user, config) -> input pyramid
+    make_inputs: Callable  # (input batch as given by a user, config) -> input pyramid
+    degrade: Callable | None = None  # (target batch, config) -> the input batch a user would give; None: given
     to_image: Callable = tanh_to_unit  # (raw tanh output of a level, that level's input) -> RGB image in [0, 1]
+    input_kind: str = "image"  # what the model is given: "image" or "labels" (a label map, see chimle.labels)
+
+    @property
+    def derived(self) -> bool:
+        """Whether the input is made from the target (so a folder of photos is training data)."""
+        return self.degrade is not None
 
     def model_overrides(self) -> dict:
         return {"model": {"wiring": self.wiring, "in_channels": self.in_channels, "out_channels": self.out_channels}}
@@ -63,35 +145,65 @@ class Task:
         """How many times larger than the input the final output is."""
         return 2**levels if self.wiring == "super-resolution" else 1
 
-    def pair(self, target: torch.Tensor, levels: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        if self.make_pair is None:
-            raise TaskError(f"training data for the '{self.name}' task is not available in this version")
-        return self.make_pair(target, levels)
+    def input_for(self, target: torch.Tensor, config: Config) -> torch.Tensor:
+        """The input a user would give for these targets (N, 3, h, w)."""
+        if self.degrade is None:
+            raise TaskError(f"the '{self.name}' task cannot make its input from a target image: give the inputs "
+                            "(paired folders, or label maps) as well")
+        return self.degrade(target, config)
 
-    def inputs(self, image: torch.Tensor, levels: int) -> list[torch.Tensor]:
-        if self.make_inputs is None:
-            raise TaskError(f"sampling for the '{self.name}' task is not available in this version")
-        return self.make_inputs(image, levels)
+    def pair(self, target: torch.Tensor, config: Config, source: torch.Tensor | None = None
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Input and target pyramids of a batch of training targets; `source` is the given input for tasks that
+        do not derive it."""
+        if source is None:
+            source = self.input_for(target, config)
+        return self.inputs(source, config), pyramid(target, config.model.levels)
 
+    def inputs(self, image: torch.Tensor, config: Config) -> list[torch.Tensor]:
+        """The input pyramid of a batch of inputs as a user gives them."""
+        return self.make_inputs(image, config)
 
-# Super-resolution -----------------------------------------------------------------------------------------------
-# Level 0 sees the image downsampled by 2**levels (x16 with the paper's 4 levels); level l renders at 2**(l+1)
-# times that, so the targets are the full image downsampled by 2**(levels-1-l).
+    def check_input(self, image: torch.Tensor, config: Config) -> torch.Tensor:
+        """One user input (C, H, W) checked for this model: channels, and sides the tower can halve; (H, W)
+        integer labels are accepted for layouts and made one-hot."""
+        if self.input_kind == "labels" and image.ndim == 2 and not image.is_floating_point():
+            from chimle.labels import one_hot
 
+            image = one_hot(image.long(), config.model.in_channels)
+        if image.ndim != 3:
+            raise TaskError(f"expected one input (C, H, W), got a tensor of shape {tuple(image.shape)}")
+        allowed = (config.model.in_channels,) if self.input_kind == "labels" else (1, 3)
+        if image.shape[0] not in allowed:
+            what = f"a one-hot label map of {allowed[0]} channels" if self.input_kind == "labels" else "1 or 3 channels"
+            raise TaskError(f"the {self.name} model takes {what}, got {image.shape[0]} channels")
+        if self.input_kind == "image" and self.in_channels == 3 and image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        multiple = 1 if self.wiring == "super-resolution" else 2 ** (config.model.levels - 1)
+        h, w = image.shape[-2:]
+        if h % multiple or w % multiple:
+            raise TaskError(f"an input of {w}x{h} px must have sides that are multiples of {multiple} for this model; "
+                            f"crop or pad it to {w // multiple * multiple or multiple}x{h // multiple * multiple or multiple}")
+        return image
 
-def _sr_pair(target: torch.Tensor, levels: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    return [downsample(target, 2**levels)], pyramid(target, levels)
+    def load_input(self, path, config: Config) -> torch.Tensor:
+        """A user's input file as a model takes it: an RGB image, or a one-hot label map."""
+        if self.input_kind == "labels":
+            from chimle.labels import load_labels, one_hot, palette_of
 
+            palette = palette_of(config)
+            return one_hot(load_labels(path, palette), palette.channels)
+        from chimle.data import load_image
 
-def _sr_inputs(image: torch.Tensor, levels: int) -> list[torch.Tensor]:
-    return [image]
+        return load_image(path)
 
+    def show_input(self, level_input: torch.Tensor, config: Config) -> torch.Tensor:
+        """One example's level input (C, H, W) as an image for grids: label maps in their palette colours."""
+        if self.input_kind == "labels":
+            from chimle.labels import palette_of
 
-# Generic (decompression, paired translation): each level sees the input at its own resolution ---------------------
-
-
-def _generic_inputs(image: torch.Tensor, levels: int) -> list[torch.Tensor]:
-    return pyramid(image, levels)
+            return palette_of(config).colour_image(level_input.argmax(0).cpu())
+        return level_input[:3]
 
 
 TASKS: dict[str, Task] = {
@@ -101,15 +213,18 @@ TASKS: dict[str, Task] = {
         in_channels=3,
         out_channels=3,
         summary="a 2**levels times downsampled image -> the full image (paper: 32 px -> 512 px)",
-        make_pair=_sr_pair,
         make_inputs=_sr_inputs,
+        degrade=_sr_degrade,
     ),
     "colourization": Task(
         name="colourization",
         wiring="colourization",
         in_channels=1,
         out_channels=2,
-        summary="L channel (Lab) -> colour image",
+        summary="the L channel (Lab) of any image -> colour image",
+        make_inputs=_colour_inputs,
+        degrade=_colour_degrade,
+        to_image=chroma_to_rgb,
     ),
     "decompression": Task(
         name="decompression",
@@ -118,6 +233,16 @@ TASKS: dict[str, Task] = {
         out_channels=3,
         summary="JPEG at a very low quality -> clean image",
         make_inputs=_generic_inputs,
+        degrade=_jpeg_degrade,
+    ),
+    "layout": Task(
+        name="layout",
+        wiring="generic",
+        in_channels=20,  # the palette's classes + void; Cityscapes by default
+        out_channels=3,
+        summary="semantic label map -> photo",
+        make_inputs=_layout_inputs,
+        input_kind="labels",
     ),
     "paired": Task(
         name="paired",
