@@ -1,50 +1,83 @@
-"""Files on disk: model weights for sharing (`.safetensors` + the resolved config) and atomic writes.
+"""Files on disk: model weights for sharing, resumable training states, and writes that survive a crash.
 
-A model file holds the generator's tensors and, in its metadata, the format tag, the resolved config as YAML and
-the package version, so `load_model` rebuilds the exact model from the file alone. Resumable training state is
-a separate file (see chimle.train).
+A model file (`.safetensors`) holds the generator's tensors and, in its metadata, the format tag, the resolved
+config as YAML and the package version, so `load_model` rebuilds the exact model from the file alone.
+
+A training state (`state-*.pt`, see chimle.train) holds what a resumed run needs: weights, optimizer, position,
+the round's search result. It loads with `torch.load(weights_only=True)`, which builds tensors and plain
+containers and never runs code from the file, and carries a sha256 of its contents, so a truncated or
+bit-flipped file is reported by name instead of resuming from garbage.
+
+Every file is written through `atomic_write`: a temporary file in the same folder, fsync, rename. A process
+killed at any moment, or a full disk, leaves the previous file whole.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import os
+import signal
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file, safe_open
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as safetensors_bytes
 
 from chimle import __version__
 from chimle.config import Config, ConfigError, from_dict, validate
 from chimle.generator import Generator
 
 FORMAT = "chimle-generator/1"
+STATE_FORMAT = "chimle-state/2"  # 2: with the sha256 of its contents
 MODEL_FILE = "model.safetensors"
+CRASH_VARIABLE = "CHIMLE_CRASH_AT"
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupted, foreign or does not fit what it is used for."""
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Write through `write(temporary path)`, fsync, then rename over `path`: readers see the old or the new
-    file, never a partial one, even if the process is killed or the disk fills up."""
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file is truncated or its contents do not match its checksum."""
+
+
+def atomic_write(path: str | Path, content: bytes | memoryview | Callable[[Path], None]) -> None:
+    """Write `content` (bytes, or a function writing a given temporary path), fsync, then rename over `path`:
+    readers see the old or the new file, never a partial one, even if the process is killed. A failed write (a
+    full disk) raises CheckpointError and leaves the old file as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if callable(content):
+            os.close(fd)
+            fd = -1
+            content(tmp)
+            fd = os.open(tmp, os.O_RDWR)
+        else:
+            _write_all(fd, content)
+        crash_point(f"write:{path.name}")
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
+        if fd >= 0:
+            os.close(fd)
         tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+            raise CheckpointError(_write_failure(path, error, kept)) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -53,17 +86,142 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         os.close(dir_fd)
 
 
+def _write_all(fd: int, content: bytes | memoryview) -> None:
+    with memoryview(content) as view:
+        written = 0
+        while written < view.nbytes:
+            written += os.write(fd, view[written:])
+
+
+def _write_failure(path: Path, error: OSError, note: str = "") -> str:
+    """What to tell the user when writing `path` failed."""
+    note = f" ({note})" if note else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return (f"could not write {path}: {error.strerror or error}{note}; free some space on that disk, or move "
+                "the run to a larger one, then continue with --resume")
+    return f"could not write {path}: {error.strerror or error}{note}"
+
+
+@contextmanager
+def disk_errors(path: str | Path):
+    """Turn a failed write to `path` (a full disk, a read-only folder) into a CheckpointError saying what to do."""
+    try:
+        yield
+    except OSError as error:
+        raise CheckpointError(_write_failure(Path(path), error)) from None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the crash-safety tests: with CHIMLE_CRASH_AT=NAME or NAME:N in the environment, the
+    N-th arrival (default 1st) at point NAME SIGKILLs this process, as a power cut or the OOM killer would.
+    Points: `search` (a round's codes searched, not yet recorded), `step` (weights updated, not yet saved),
+    `write:FILE` (a file's new contents written, not yet renamed into place)."""
+    spec = os.environ.get(CRASH_VARIABLE)
+    if not spec:
+        return
+    point, _, count = spec.rpartition(":")
+    if not count.isdigit():
+        point, count = spec, "1"
+    if point != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] == int(count):
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
 def save_model(path: str | Path, generator: Generator, config: Config) -> None:
     """Write the generator's weights with the resolved config (atomically)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in generator.state_dict().items()}
     metadata = {"format": FORMAT, "config": config.to_yaml(), "chimle_version": __version__}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
+
+
+def save_state(path: str | Path, state: dict) -> None:
+    """Write a training state (a dict of tensors, numbers, strings, lists and dicts) with its format tag and
+    the sha256 of its contents, atomically. It is serialised in memory first, so that a full disk shows up as
+    a failed write with a clear error."""
+    state = {**state, "format": STATE_FORMAT}
+    state["sha256"] = content_digest(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getbuffer())
+
+
+def load_state(path: str | Path) -> dict:
+    """A training state written by `save_state`, checked. Raises CorruptCheckpointError if the file is truncated
+    or its contents do not match its checksum, CheckpointError if it is not a chimle training state."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - zip, unpickling and tensor errors all mean an unusable file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+        raise CorruptCheckpointError(f"{path} cannot be read: it is truncated, corrupted, or not a file that loads "
+                                     f"safely ({reason[:200]})") from None
+    found = state.get("format") if isinstance(state, dict) else None
+    if isinstance(found, str) and found.startswith("chimle-state/") and found != STATE_FORMAT:
+        raise CheckpointError(f"{path} was written by another version of chimle (format {found!r}, expected "
+                              f"{STATE_FORMAT!r}); resume it with that version")
+    if found != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a chimle training state (format {found!r}, expected "
+                              f"{STATE_FORMAT!r}); move it out of the run directory")
+    stored = state.pop("sha256", None)
+    if stored != content_digest(state):
+        raise CorruptCheckpointError(f"{path} is corrupted: its contents do not match the checksum stored in it")
+    return state
+
+
+def content_digest(value) -> str:
+    """sha256 of nested dicts, lists, tuples, tensors, numbers, strings and None, independent of how they were
+    serialised (tensors by dtype, shape and bytes; dict entries in key order)."""
+    digest = hashlib.sha256()
+    _feed(digest, value)
+    return digest.hexdigest()
+
+
+def _feed(digest, value) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        text = repr(value)
+        digest.update(f"{type(value).__name__}{len(text)}:{text}".encode())
+    else:
+        raise TypeError(f"a training state cannot hold {type(value).__name__}")
+
+
+def check_fits(state: dict, config: Config, source: str) -> None:
+    """Refuse a training state written for another task or model size than `config`'s, naming the file."""
+    try:
+        saved = from_dict(yaml.safe_load(state["config"]))
+    except (ConfigError, KeyError, TypeError, yaml.YAMLError) as error:
+        raise CheckpointError(f"{source} holds an unusable config: {error}") from None
+    if saved.task != config.task:
+        raise CheckpointError(f"{source} was written by a {saved.task} run, but this run trains {config.task}; "
+                              "move it out of the run directory")
+    if saved.model != config.model:
+        differ = [f"model.{k}: file {v!r}, run {getattr(config.model, k)!r}"
+                  for k, v in vars(saved.model).items() if getattr(config.model, k) != v]
+        raise CheckpointError(f"{source} was written for another model size ({'; '.join(differ)}); move it out "
+                              "of the run directory")
 
 
 def model_path(path: str | Path) -> Path:

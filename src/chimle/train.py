@@ -3,6 +3,7 @@
     chimle train --task super-resolution --preset small --out runs/sr                    # CPU, built-in photos
     chimle train --task super-resolution --preset paper --data DIR --out runs/sr-paper  # one GPU
     chimle train ... --out runs/sr --resume                                             # continue a killed run
+    torchrun --standalone --nproc_per_node=4 -m chimle train --preset paper --data DIR --out runs/sr  # 4 GPUs
 
 A round takes `round_size` training examples (random crops with a random flip/transpose), searches a code for
 each (chimle.search), then runs `steps_per_round` Adam steps over those examples, cyclically, minimising the
@@ -10,7 +11,9 @@ sum over levels of LPIPS(output, target). The paper calls a round a "month" and 
 is 400 examples, 10,000 steps at batch 1, 20 passes over the data.
 
 Every example, candidate pool and batch is a function of (seed, its number), so a run resumed from any
-checkpoint reaches the same weights as an uninterrupted one. The run directory holds:
+checkpoint reaches the same weights as an uninterrupted one. Under torchrun each process searches the codes of
+its share of a round and takes its share of every step's batch, and rank 0 alone writes files (see
+chimle.distributed). The run directory holds:
     config.yaml        the resolved config
     model.safetensors  the latest weights with the config (for `chimle sample`)
     state-*.pt         resumable state (weights, optimizer, position, the round's search result)
@@ -30,15 +33,17 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from chimle import tasks
-from chimle.checkpoint import MODEL_FILE, CheckpointError, atomic_write, save_model
-from chimle.config import Config, from_dict
-from chimle.data import ImageFolder, builtin_photos, seeded
+from chimle import checkpoint, distributed, tasks
+from chimle import weights as weights_lib
+from chimle.checkpoint import (MODEL_FILE, CheckpointError, CorruptCheckpointError, atomic_write, check_fits,
+                               check_state, crash_point, disk_errors, save_model)
+from chimle.config import Config, ConfigError, from_dict
+from chimle.data import ImageFolder, PairedFolder, builtin_photos, seeded
 from chimle.generator import Generator
 from chimle.perceptual import LPIPS, Distance
+from chimle.distributed import World
 from chimle.search import SearchResult, codes_from, flat_search, hierarchical_search
 
-STATE_FORMAT = "chimle-state/1"
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before training stops
 
 
@@ -49,13 +54,8 @@ class Round:
     number: int
     inputs: list[torch.Tensor]  # input pyramid of all examples
     targets: list[torch.Tensor]  # target pyramid of all examples
+    weights: list[torch.Tensor] | None = None  # per-pixel loss weights per level (layout rebalancing), or None
     codes: list[torch.Tensor] | None = None  # regenerated from `search`, one (round_size, code size) per level
-
-
-def pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def total_rounds(config: Config, dataset_size: int) -> int:
@@ -65,37 +65,87 @@ def total_rounds(config: Config, dataset_size: int) -> int:
     return max(1, math.ceil(config.train.passes * dataset_size / config.train.round_size))
 
 
+def training_set(config: Config) -> ImageFolder:
+    """The training data the task needs: photos (inputs derived from them), pairs, or photos with label maps."""
+    task, d = tasks.get(config.task), config.data
+    crop = (d.crop, d.crop_width or d.crop)
+    if task.input_kind == "labels":
+        from chimle.labels import LayoutFolder, builtin_layouts, palette_of
+
+        if bool(d.path) != bool(d.inputs):
+            raise ConfigError("layout training needs both --data PHOTOS and -o data.inputs=LABEL_MAPS (or neither, "
+                              "for the built-in layouts)")
+        return LayoutFolder(d.path or builtin_photos("train"), d.inputs or builtin_layouts("train"),
+                            palette_of(config), crop, skip_bad=d.skip_bad, rebalance=d.rebalance,
+                            rebalance_classes=d.rebalance_classes, floor=d.rebalance_floor)
+    if d.inputs or not task.derived:
+        if not d.path:
+            raise ConfigError(f"the {task.name} task needs training pairs: --data DIR of A|B images (input left, "
+                              "target right), or --data TARGETS -o data.inputs=INPUTS (matched by file stem)")
+        return PairedFolder(d.path, d.inputs or None, crop, skip_bad=d.skip_bad, shuffle_channels=d.shuffle_channels)
+    return ImageFolder(d.path or builtin_photos("train"), crop, skip_bad=d.skip_bad,
+                       shuffle_channels=d.shuffle_channels, colour=task.name == "colourization")
+
+
 def draw_round(config: Config, dataset: ImageFolder, number: int, device: torch.device) -> Round:
     """The examples of round `number`: example numbers number*R .. number*R+R-1 of the run's sequence."""
     size = config.train.round_size
-    images = torch.stack([dataset.example(config.train.seed, number * size + i).image for i in range(size)])
-    inputs, targets = tasks.get(config.task).pair(images, config.model.levels)
-    return Round(number, [x.to(device) for x in inputs], [y.to(device) for y in targets])
+    examples = [dataset.example(config.train.seed, number * size + i) for i in range(size)]
+    images = torch.stack([e.image for e in examples])
+    sources = torch.stack([e.source for e in examples]) if examples[0].source is not None else None
+    inputs, targets = tasks.get(config.task).pair(images, config, sources)
+    weights = None
+    if examples[0].weight is not None:
+        weights = [w.to(device) for w in tasks.pyramid(torch.stack([e.weight for e in examples]),
+                                                        config.model.levels, mode="nearest")]
+    return Round(number, [x.to(device) for x in inputs], [y.to(device) for y in targets], weights)
 
 
-def search_round(config: Config, generator: Generator, distance: Distance, batch: Round) -> SearchResult:
-    """Choose every example's code (hierarchical, or flat cIMLE if configured)."""
+def search_round(config: Config, generator: Generator, distance: Distance, batch: Round,
+                 world: World = World()) -> SearchResult:
+    """Choose every example's code (hierarchical, or flat cIMLE if configured). Each process searches its block
+    of the round; every process gets the whole round's result. An example's pool seed depends on its number
+    only, so the result does not depend on the number of processes."""
     seeds = torch.randint(0, 2**62, (config.train.round_size,), generator=seeded(config.train.seed, 3, batch.number))
+    share = config.train.round_size // world.size
+    mine = slice(world.rank * share, (world.rank + 1) * share)
+    inputs, targets, seeds = [x[mine] for x in batch.inputs], [y[mine] for y in batch.targets], seeds[mine]
     task, s = tasks.get(config.task), config.search
     generator.eval()
-    if s.flat:
+    if s.zero_codes:  # the regression baseline searches nothing; its codes are set to zero in _train_round
+        levels = config.model.levels
+        result = SearchResult(seeds, torch.zeros(len(seeds), levels, dtype=torch.long), [1] * levels,
+                              torch.zeros(len(seeds), levels))
+    elif s.flat:
         size = s.flat_samples or sum(s.samples_per_level)
-        return flat_search(generator, distance, task, batch.inputs, batch.targets, seeds, size, s.max_batch)
-    return hierarchical_search(generator, distance, task, batch.inputs, batch.targets, seeds, s.samples_per_level,
-                               s.max_batch)
+        result = flat_search(generator, distance, task, inputs, targets, seeds, size, s.max_batch)
+    else:
+        result = hierarchical_search(generator, distance, task, inputs, targets, seeds, s.samples_per_level,
+                                     s.max_batch)
+    crash_point("search")
+    return SearchResult(distributed.gather_rows(result.seeds), distributed.gather_rows(result.winners),
+                        result.pool_sizes, distributed.gather_rows(result.distances))
 
 
-def batch_indices(config: Config, step_in_round: int) -> torch.Tensor:
-    """Examples of a step: the round's examples taken cyclically, batch_size at a time."""
+def batch_indices(config: Config, step_in_round: int, world: World = World()) -> torch.Tensor:
+    """This process's examples of a step: the round's examples are taken cyclically, world.size x batch_size
+    at a time (the step's whole batch), and process r takes the r-th batch_size of them."""
     b, size = config.train.batch_size, config.train.round_size
-    return torch.arange(step_in_round * b, step_in_round * b + b) % size
+    first = (step_in_round * world.size + world.rank) * b
+    return torch.arange(first, first + b) % size
 
 
 def level_losses(generator: Generator, distance: Distance, task: tasks.Task, inputs: list[torch.Tensor],
-                 targets: list[torch.Tensor], codes: list[torch.Tensor]) -> torch.Tensor:
-    """Distance of each level's output to its target, averaged over the batch: (levels,)."""
+                 targets: list[torch.Tensor], codes: list[torch.Tensor],
+                 weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Distance of each level's output to its target, averaged over the batch: (levels,). Per-pixel weights
+    (layout rebalancing) multiply both output and target before the distance, as in the paper."""
     raw = generator(inputs, codes)
-    return torch.stack([distance(task.image(r, inputs, level), targets[level]).mean() for level, r in enumerate(raw)])
+    outputs = [task.image(r, inputs, level) for level, r in enumerate(raw)]
+    if weights is not None:
+        outputs = [o * w for o, w in zip(outputs, weights)]
+        targets = [t * w for t, w in zip(targets, weights)]
+    return torch.stack([distance(o, t).mean() for o, t in zip(outputs, targets)])
 
 
 def make_optimizer(config: Config, generator: Generator) -> torch.optim.Adam:
@@ -110,42 +160,72 @@ def make_optimizer(config: Config, generator: Generator) -> torch.optim.Adam:
 
 
 class RunFiles:
-    """The run directory: config, model, resumable states, logs."""
+    """The run directory: config, model, resumable states, logs. Only the writer (rank 0) touches it; for the
+    other processes of a run the writing methods do nothing."""
 
-    def __init__(self, out: str | Path):
+    def __init__(self, out: str | Path, writer: bool = True):
         self.dir = Path(out)
         self.grids = self.dir / "grids"
+        self.writer = writer
 
     def states(self) -> list[Path]:
         return sorted(self.dir.glob("state-*.pt"))
 
     def save_state(self, state: dict, step: int, keep: int) -> None:
+        """Write the state of `step`; then, with it safely on disk, delete all but the newest `keep`."""
+        if not self.writer:
+            return
         path = self.dir / f"state-{step:09d}.pt"
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        checkpoint.save_state(path, state)
         for old in self.states()[:-keep]:
             if old != path:
                 old.unlink(missing_ok=True)
 
     def latest_state(self) -> dict | None:
-        """The newest state that loads; a corrupted newest one is reported and the one before it used."""
+        """The newest state that loads and matches its checksum (a corrupted one is reported by name and the one
+        before it used); None if the run has not saved one yet. A foreign file is an error."""
+        broken = []
         for path in reversed(self.states()):
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as error:  # noqa: BLE001 - any failure to load means this file is unusable
-                warnings.warn(f"{path} is unreadable ({error.__class__.__name__}); trying an older state", stacklevel=2)
+                state = checkpoint.load_state(path)
+            except CorruptCheckpointError as error:
+                warnings.warn(f"{error}; trying an older state", stacklevel=2)
+                self.log(f"skipped {error}")
+                broken.append(str(error))
                 continue
-            if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-                raise CheckpointError(f"{path} is not a chimle training state")
+            state["file"] = str(path)
             return state
+        if broken:
+            raise CheckpointError("no usable training state:\n  " + "\n  ".join(broken) +
+                                  "\nremove these files to restart the run from its beginning")
         return None
 
+    def remove_partial_writes(self) -> None:
+        """Delete the temporary files of writes a killed process did not finish."""
+        for tmp in self.dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            self.log(f"removed {tmp.name}, a write the previous process did not finish")
+
+    def save_model(self, generator: Generator, config: Config) -> None:
+        if self.writer:
+            save_model(self.dir / MODEL_FILE, generator, config)
+
+    def grid(self, config: Config, generator: Generator, batch: Round, step: int) -> None:
+        if self.writer:
+            path = self.grids / f"step-{step:09d}.png"
+            with disk_errors(path):
+                write_grid(config, generator, batch, path)
+
     def log(self, line: str) -> None:
-        with open(self.dir / "log.txt", "a") as f:
-            f.write(line + "\n")
+        self._append("log.txt", line + "\n")
 
     def metrics(self, record: dict) -> None:
-        with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append("metrics.jsonl", json.dumps(record) + "\n")
+
+    def _append(self, name: str, text: str) -> None:
+        if self.writer:
+            with disk_errors(self.dir / name), open(self.dir / name, "a") as f:
+                f.write(text)
 
 
 def _search_state(result: SearchResult | None) -> dict | None:
@@ -165,6 +245,7 @@ def _prepare_run(config: Config, files: RunFiles, resume: bool) -> tuple[Config,
         run_config = from_dict(yaml.safe_load(saved.read_text()))
         if run_config != config:
             print(f"resuming with the run's own settings from {saved} (command-line settings are ignored)")
+        files.remove_partial_writes()
         return run_config, files.latest_state()
     if saved.exists() or files.states():
         raise CheckpointError(f"{files.dir} already holds a run; give --resume to continue it or choose another --out")
@@ -181,6 +262,7 @@ class Run:
     distance: Distance
     optimizer: torch.optim.Optimizer
     rounds: int
+    world: World = World()  # this process among the run's processes
     bar: tqdm | None = None
     bad_steps: int = 0  # consecutive non-finite losses
 
@@ -190,18 +272,20 @@ class Run:
 
 
 def train(config: Config, out: str | Path, resume: bool = False, device: str | None = None) -> Path:
-    """Train (or resume) the run in `out`; return the path of the final model file."""
-    # Set up the run directory.
-    files = RunFiles(out)
-    config, state = _prepare_run(config, files, resume)
-    device = pick_device(device)
+    """Train (or resume) the run in `out`; return the path of the final model file. Under torchrun every
+    process calls this (see chimle.distributed)."""
+    # Set up the processes and the run directory (rank 0 reads it and tells the others).
+    world, device = distributed.init(device)
+    files = RunFiles(out, writer=world.is_main)
+    config, state = distributed.share_from_main(lambda: _prepare_run(config, files, resume))
+    _check_world(config, world)
     t = config.train
+    weights_lib.resolve(f"lpips-{t.perceptual}")  # missing LPIPS weights: say so before anything is written
 
     # Load data.
-    folder = config.data.path or builtin_photos("train")
-    dataset = ImageFolder(folder, config.data.crop, skip_bad=config.data.skip_bad,
-                          shuffle_channels=config.data.shuffle_channels)
-    if state is None and not resume:  # only now, so that bad data leaves no half-made run behind
+    dataset = training_set(config)
+    folder = dataset.files[0].parent
+    if state is None and not resume and world.is_main:  # only now: bad data leaves no half-made run behind
         files.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(files.dir / "config.yaml", lambda tmp: tmp.write_text(config.to_yaml()))
 
@@ -210,19 +294,17 @@ def train(config: Config, out: str | Path, resume: bool = False, device: str | N
     generator = Generator(config.model).to(device)
     distance = Distance(LPIPS(t.perceptual), t.pixel_weight).to(device)
     run = Run(config, files, generator, distance, make_optimizer(config, generator),
-              total_rounds(config, len(dataset)))
+              total_rounds(config, len(dataset)), world)
     step, search = 0, None
     if state is not None:
-        generator.load_state_dict(state["generator"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        search = None if state["search"] is None else SearchResult(**state["search"])
-        files.log(f"resumed at step {step}")
+        step, search = _restore(run, state)
+        files.log(f"resumed at step {step} from {state['file']}")
     elif not resume:
         files.log(f"{len(dataset)} training images from {folder}; {run.rounds} rounds of {t.steps_per_round} steps")
 
     # Rounds: search codes for the round's examples, then take its steps.
-    run.bar = tqdm(total=run.total_steps, initial=step, unit="step", dynamic_ncols=True, disable=None)
+    run.bar = tqdm(total=run.total_steps, initial=step, unit="step", dynamic_ncols=True,
+                   disable=None if world.is_main else True)
     while step < run.total_steps:
         batch = draw_round(config, dataset, step // t.steps_per_round, device)
         if search is None:
@@ -232,9 +314,35 @@ def train(config: Config, out: str | Path, resume: bool = False, device: str | N
     run.bar.close()
 
     # Done.
-    save_model(files.dir / MODEL_FILE, generator, config)
+    files.save_model(generator, config)
     files.log(f"done: {step} steps")
+    distributed.cleanup()
     return files.dir / MODEL_FILE
+
+
+def _check_world(config: Config, world: World) -> None:
+    if config.train.round_size % world.size:
+        raise ConfigError(f"train.round_size={config.train.round_size} must be a multiple of the number of "
+                          f"processes ({world.size}): each searches the codes of an equal share of a round")
+
+
+def _restore(run: Run, state: dict) -> tuple[int, SearchResult | None]:
+    """Load a training state into the run; refuse one written for another task or model size."""
+    source, t = state["file"], run.config.train
+    check_fits(state, run.config, source)
+    check_state(run.generator, state["generator"], source)
+    run.generator.load_state_dict(state["generator"])
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise CheckpointError(f"{source}: its optimizer state does not fit this model ({error})") from None
+    for group, lr in zip(run.optimizer.param_groups, (t.lr, t.lr * t.mapping_lr_scale)):
+        group["lr"] = lr  # the run's config.yaml decides, so a diverged run can continue at a lower rate
+    saved_world = state.get("processes", 1)
+    if saved_world != run.world.size:
+        run.files.log(f"the run was saved by {saved_world} process(es) and continues on {run.world.size}: a step "
+                      f"now takes {run.world.size} x {t.batch_size} examples")
+    return state["step"], None if state["search"] is None else SearchResult(**state["search"])
 
 
 def _search(run: Run, batch: Round, step: int) -> SearchResult:
@@ -242,7 +350,7 @@ def _search(run: Run, batch: Round, step: int) -> SearchResult:
     t = run.config.train
     run.bar.set_description(f"round {batch.number + 1}/{run.rounds} search")
     started = time.perf_counter()
-    search = search_round(run.config, run.generator, run.distance, batch)
+    search = search_round(run.config, run.generator, run.distance, batch, run.world)
     seconds = time.perf_counter() - started
     run.files.metrics({"event": "search", "round": batch.number, "step": step, "seconds": round(seconds, 3),
                        "examples_per_second": round(t.round_size / seconds, 3),
@@ -256,13 +364,16 @@ def _train_round(run: Run, batch: Round, search: SearchResult, step: int) -> int
     config, t, generator = run.config, run.config.train, run.generator
     sizes = generator.code_sizes(generator.start([x[:1] for x in batch.inputs]))
     batch.codes = codes_from(search, sizes, batch.inputs[0].device)
+    if config.search.zero_codes:
+        batch.codes = [torch.zeros_like(c) for c in batch.codes]
     run.bar.set_description(f"round {batch.number + 1}/{run.rounds} train")
     busy = 0.0  # seconds spent in steps since the last log line
     for in_round in range(step % t.steps_per_round, t.steps_per_round):
         started = time.perf_counter()
-        losses = _step(run, batch, batch_indices(config, in_round).to(batch.inputs[0].device), step)
+        losses = _step(run, batch, batch_indices(config, in_round, run.world).to(batch.inputs[0].device), step)
         busy += time.perf_counter() - started
         step += 1
+        crash_point("step")
         run.bar.update(1)
         run.bar.set_postfix(loss=f"{losses.sum().item():.4f}")
         if step % t.log_every == 0 or step == run.total_steps:
@@ -274,41 +385,48 @@ def _train_round(run: Run, batch: Round, search: SearchResult, step: int) -> int
             run.files.log(f"step {step:7d}  round {batch.number}  loss {losses.sum().item():.4f}  "
                           f"levels {' '.join(f'{v:.3f}' for v in losses.tolist())}  {rate:.2f} steps/s")
         if step % t.grid_every == 0 or step == run.total_steps:
-            write_grid(config, generator, batch, run.files.grids / f"step-{step:09d}.png")
+            run.files.grid(config, generator, batch, step)
         finished = in_round + 1 == t.steps_per_round
         if step % t.checkpoint_every == 0 or finished:
+            distributed.check_same(generator)  # rank 0's file stands for every rank's weights
             run.files.save_state(_state(run, step, None if finished else search), step, t.keep_checkpoints)
-            save_model(run.files.dir / MODEL_FILE, generator, config)
+            run.files.save_model(generator, config)
     return step
 
 
 def _step(run: Run, batch: Round, index: torch.Tensor, step: int) -> torch.Tensor:
-    """One Adam step on the examples `index` of the round; a non-finite loss skips the step (and, repeated,
-    stops training). Returns the per-level losses."""
+    """One Adam step on the examples `index` of the round, gradients averaged over the processes; a non-finite
+    loss skips the step (and, repeated, stops training). Returns the per-level losses, averaged likewise."""
     run.generator.train()
     losses = level_losses(run.generator, run.distance, tasks.get(run.config.task), [x[index] for x in batch.inputs],
-                          [y[index] for y in batch.targets], [c[index] for c in batch.codes])
-    loss = losses.sum()
+                          [y[index] for y in batch.targets], [c[index] for c in batch.codes],
+                          None if batch.weights is None else [w[index] for w in batch.weights])
     run.optimizer.zero_grad(set_to_none=True)
+    loss = losses.sum()
     if torch.isfinite(loss):
         loss.backward()
+    losses = distributed.average_gradients(list(run.generator.parameters()), losses.detach())
+    loss = losses.sum()
+    if torch.isfinite(loss):
         run.optimizer.step()
         run.bad_steps = 0
-        return losses.detach()
+        return losses
     run.bad_steps += 1
-    warnings.warn(f"step {step}: non-finite loss ({loss.item()}); the step is skipped", stacklevel=1)
+    if run.world.is_main:
+        warnings.warn(f"step {step}: non-finite loss ({loss.item()}); the step is skipped", stacklevel=1)
     if run.bad_steps >= MAX_BAD_STEPS:
-        raise FloatingPointError(f"{MAX_BAD_STEPS} non-finite losses in a row at step {step}; lower train.lr and "
-                                 "resume from the last checkpoint")
-    return losses.detach()
+        raise FloatingPointError(f"{MAX_BAD_STEPS} non-finite losses in a row at step {step}; training stopped. "
+                                 f"Its last checkpoint is intact: lower train.lr in {run.files.dir / 'config.yaml'} "
+                                 "and continue with --resume")
+    return losses
 
 
 def _state(run: Run, step: int, search: SearchResult | None) -> dict:
-    """Everything a resumed run needs (loads with torch.load(weights_only=True))."""
+    """Everything a resumed run needs (see chimle.checkpoint.save_state)."""
     return {
-        "format": STATE_FORMAT,
         "config": run.config.to_yaml(),
         "step": step,
+        "processes": run.world.size,
         "generator": {k: v.detach().cpu() for k, v in run.generator.state_dict().items()},
         "optimizer": run.optimizer.state_dict(),
         "search": _search_state(search),
@@ -332,5 +450,5 @@ def write_grid(config: Config, generator: Generator, batch: Round, path: Path, e
             sources = [[(config.train.seed, k)] * len(sizes) for k in range(samples)]
             codes += [[c.to(inputs[0].device) for c in codes_from_sources(sizes, s)] for s in sources]
             outputs = [task.image(generator(inputs, c)[-1], inputs, config.model.levels - 1)[0] for c in codes]
-            rows.append([batch.inputs[0][i][:3], *outputs, batch.targets[-1][i]])
+            rows.append([task.show_input(batch.inputs[0][i], config), *outputs, batch.targets[-1][i]])
     image_grid(rows, path)
