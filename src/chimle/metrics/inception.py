@@ -207,20 +207,35 @@ class FIDInception(nn.Module):
         return F.avg_pool2d(x, 8).flatten(1)  # pool3: 8x8 map -> 1x1
 
 
-def preprocess(images: torch.Tensor) -> torch.Tensor:
-    """Turn [0, 1] float images (N, 3, H, W) into FIDInception's input (N, 3, 299, 299).
+def tf_bilinear_matrix(n_in: int, n_out: int, device=None) -> torch.Tensor:
+    """(n_out, n_in) weights of TF 1.x ResizeBilinear along one axis (align_corners=False,
+    half_pixel_centers=False): output i samples the input at i * n_in / n_out, computed in float32 as TF does,
+    between the pixels floor() and floor() + 1 (clamped to the last pixel). No anti-aliasing when shrinking."""
+    src = torch.arange(n_out, dtype=torch.float32) * torch.tensor(n_in / n_out, dtype=torch.float32)
+    low = src.floor().long().clamp(max=n_in - 1)
+    frac = src - low.float()
+    high = (low + 1).clamp(max=n_in - 1)
+    matrix = torch.zeros(n_out, n_in)
+    rows = torch.arange(n_out)
+    matrix.index_put_((rows, low), 1 - frac, accumulate=True)
+    matrix.index_put_((rows, high), frac, accumulate=True)
+    return matrix.to(device)
 
-    Provisional protocol (a later issue settles it): quantise to uint8 levels round(255 x) as saved images
-    would be, resize the float levels to 299x299 with bilinear (align_corners=False; antialias when
-    shrinking), without re-rounding, then scale as (v - 128) / 128 like the TF graph's input.
+
+def preprocess(images: torch.Tensor) -> torch.Tensor:
+    """Turn [0, 1] float images (N, 3, H, W) into FIDInception's input (N, 3, 299, 299), as the TF FID code does.
+
+    The reference TF code feeds uint8 images to the graph, which casts them to float, resizes them to 299x299
+    with TF 1.x's ResizeBilinear (legacy pixel grid: output i samples input i * in/out; no anti-aliasing, so
+    images larger than 299 px alias, as they do there) and scales them as (v - 128) / 128. So: quantise to uint8
+    levels round(255 x), as saved images would be; resize the float levels that way without re-rounding; scale.
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"preprocess expects (N, 3, H, W) images in [0, 1], got shape {tuple(images.shape)}")
     x = (images.float() * 255).round().clamp(0, 255)
     h, w = x.shape[-2:]
     if (h, w) != (INPUT_SIZE, INPUT_SIZE):
-        shrink = h > INPUT_SIZE or w > INPUT_SIZE
-        x = F.interpolate(x, (INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False, antialias=shrink)
+        x = tf_bilinear_matrix(h, INPUT_SIZE, x.device) @ x @ tf_bilinear_matrix(w, INPUT_SIZE, x.device).T
     return (x - 128) / 128
 
 

@@ -1,0 +1,157 @@
+"""`chimle evaluate`: crops and matching, consistency, the zero-code baseline, both modes end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from chimle import tasks
+from chimle.checkpoint import save_model
+from chimle.cli import main
+from chimle.data import DataError
+from chimle.evaluate import Options, consistency, crop_boxes, evaluate_samples, samples_by_stem
+from chimle.generator import Generator
+from chimle.sample import Model
+from conftest import randomize, tiny_config
+
+
+def model_file(tmp_path, task="super-resolution"):
+    config = tiny_config(task)
+    path = tmp_path / f"{task}.safetensors"
+    save_model(path, randomize(Generator(config.model), seed=4), config)
+    return path
+
+
+def smooth_image(w, h, g):
+    """A smooth random colour image (upsampled noise)."""
+    small = torch.rand(1, 3, h // 4, w // 4, generator=g)
+    image = torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0]
+    return Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def write_photos(folder, sizes, seed=0):
+    """Smooth random images photo0.png, photo1.png, ... of the given (width, height); returns their stems."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for i, (w, h) in enumerate(sizes):
+        smooth_image(w, h, g).save(folder / f"photo{i}.png")
+    return [f"photo{i}" for i in range(len(sizes))]
+
+
+def test_crop_boxes():
+    assert crop_boxes(50, 37, 0, False, 4, 4) == [(0, 0, 48, 36)]  # whole image trimmed to multiples of 4
+    assert crop_boxes(100, 70, 32, False, 16, 16) == [(32, 16, 32, 32)]  # centred, corners on multiples of 16
+    assert crop_boxes(70, 100, 32, True, 4, 1) == [(3, 2, 32, 32), (3, 34, 32, 32), (3, 66, 32, 32),
+                                                   (35, 2, 32, 32), (35, 34, 32, 32), (35, 66, 32, 32)]
+    with pytest.raises(DataError, match="smaller than the 64 px crop"):
+        crop_boxes(40, 100, 64, False, 4, 4)
+    with pytest.raises(Exception, match="multiple of 16"):
+        crop_boxes(100, 100, 40, False, 16, 16)
+    with pytest.raises(DataError, match="too small"):
+        crop_boxes(9, 30, 0, False, 1, 1)
+
+
+def test_samples_by_stem(tmp_path):
+    for name in ["a_1.png", "a_0.png", "a_10.png", "b_c_2.png", "notes.png"]:
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    groups = samples_by_stem(tmp_path)
+    assert {k: [p.name for p in v] for k, v in groups.items()} == {
+        "a": ["a_0.png", "a_1.png", "a_10.png"], "b_c": ["b_c_2.png"]}
+
+
+@pytest.mark.parametrize("task", ["super-resolution", "colourization", "decompression"])
+def test_the_ground_truth_is_consistent_with_its_input(task, rng):
+    config = tiny_config(task)
+    entry = tasks.get(task)
+    target = torch.rand(2, 3, 16, 16, generator=rng)
+    given = entry.input_for(target[:1], config)[0]
+    perfect = consistency(entry, config, target[:1], given)
+    other = consistency(entry, config, target[1:], given)
+    if task == "colourization":  # mean |L error|, Lab L units
+        assert perfect.item() < 0.05 and other.item() > 5
+    else:  # PSNR of the degraded output against the input, dB
+        assert perfect.item() > 60 and other.item() < 30
+    assert consistency(tasks.get("paired"), config, target, given) is None
+
+
+def test_zero_codes_is_one_fixed_output(tmp_path, rng):
+    model = Model.load(model_file(tmp_path), device="cpu")
+    image = torch.rand(3, 6, 5, generator=rng)
+    zero = model.zero_codes(image)
+    assert zero.shape == (1, 3, 24, 20)
+    assert torch.equal(zero, model.zero_codes(image))
+    assert (model.sample(image, n=2, seed=0) - zero).abs().amax((1, 2, 3)).min() > 1e-3
+
+
+def test_evaluate_model_then_its_saved_samples(tmp_path, capsys):
+    model = model_file(tmp_path)
+    write_photos(tmp_path / "data", [(40, 32), (36, 44)])
+    out, saved = tmp_path / "eval" / "report", tmp_path / "saved"
+    code = main(["evaluate", "--model", str(model), "--data", str(tmp_path / "data"), "-n", "3", "--seed", "2",
+                 "--lpips", "alex", "--batch", "2", "--out", str(out), "--save-samples", str(saved), "--device", "cpu"])
+    assert code == 0
+    printed = capsys.readouterr()
+    assert "| model (3 samples) |" in printed.out and "FID from 2 real images" in printed.err
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".md").read_text().startswith("# chimle evaluation")
+    p, methods = report["protocol"], report["methods"]
+    assert p["samples_per_input"] == 3 and p["targets"] == 2 and p["seed"] == 2 and p["task"] == "super-resolution"
+    assert "ResizeBilinear" in p["fid"]["resize"] and len(p["fid"]["weights_sha256"]) == 64
+    assert p["fid"]["real_images"] == 2 and p["fid"]["generated_images"] == {"model": 6, "zero_codes": 2, "baseline": 2}
+    assert p["diversity"]["pairs_per_input"] == 3 and p["diversity"]["inputs"] == 2
+    assert p["fwv"]["distance"]["name"] == "lpips" and p["fwv"]["spread"]["name"] == "lpips"
+    assert "downsampled x4" in p["consistency"] and p["baseline"] == "bicubic"
+    assert list(methods) == ["model", "zero_codes", "baseline"]
+    m = methods["model"]
+    assert set(m["fwv"]) == {"0.3", "0.2", "0.15"} and m["fwv"]["0.3"] >= m["fwv"]["0.2"] >= m["fwv"]["0.15"] > 0
+    assert m["diversity_lpips"] > 0 and m["lpips_best"] <= m["lpips_mean"] and m["psnr_best"] >= m["psnr_mean"]
+    assert all(np.isfinite(m[k]) for k in ("fid", "fid_first_sample", "kid", "ssim_mean", "consistency_mean"))
+    assert methods["zero_codes"]["diversity_lpips"] is None and methods["zero_codes"]["fwv"] is None
+    # Bicubic up then down is nearly the input; a random generator's output is not.
+    assert methods["baseline"]["consistency_mean"] > max(20, m["consistency_mean"] + 5)
+    assert len(report["per_input"]["photo0"]["model"]["lpips"]) == 3
+
+    # The saved samples, scored as another method's would be, give the same numbers.
+    assert len(list((saved / "samples").iterdir())) == 6
+    again = evaluate_samples(saved / "samples", saved / "real", saved / "inputs", task="super-resolution",
+                             options=Options(lpips="alex", batch=2, device="cpu"))
+    s = again["methods"]["samples"]
+    assert again["protocol"]["samples_per_input"] == 3 and again["methods"]["baseline"]["label"] == "bicubic"
+    assert s["fid"] == pytest.approx(m["fid"], rel=1e-6)  # Inception sees the same uint8 levels
+    assert s["psnr_mean"] == pytest.approx(m["psnr_mean"], abs=0.05)  # PNG rounding
+    assert s["diversity_lpips"] == pytest.approx(m["diversity_lpips"], abs=0.01)
+    assert s["consistency_mean"] == pytest.approx(m["consistency_mean"], abs=0.5)
+
+
+def test_external_samples_without_task_or_inputs(tmp_path, capsys):
+    stems = write_photos(tmp_path / "real", [(32, 32), (32, 32)])
+    (tmp_path / "samples").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "samples" / f"{stems[0]}_0.png")
+    with pytest.raises(DataError, match="no samples STEM_K.png for 1 real image"):
+        evaluate_samples(tmp_path / "samples", tmp_path / "real")
+    Image.new("RGB", (16, 16)).save(tmp_path / "samples" / f"{stems[1]}_0.png")
+    with pytest.raises(DataError, match="samples must have the size of their real image"):
+        evaluate_samples(tmp_path / "samples", tmp_path / "real", options=Options(lpips="alex"))
+
+    g = torch.Generator().manual_seed(1)
+    for stem in stems:
+        for k in range(2):
+            smooth_image(32, 32, g).save(tmp_path / "samples" / f"{stem}_{k}.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "samples" / "unknown_0.png")
+    out = tmp_path / "report.json"
+    assert main(["evaluate", "--samples", str(tmp_path / "samples"), "--real", str(tmp_path / "real"),
+                 "--lpips", "alex", "--out", str(out), "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["methods"]) == ["samples"] and report["protocol"]["baseline"] is None
+    s = report["methods"]["samples"]
+    assert s["outputs_per_input"] == 2 and s["consistency_mean"] is None and s["diversity_lpips"] > 0
+    assert any("unknown" in w for w in report["warnings"])
+    assert "| samples (samples) |" in capsys.readouterr().out
+
+
+def test_paired_model_needs_inputs(tmp_path, capsys):
+    model = model_file(tmp_path, "paired")
+    code = main(["evaluate", "--model", str(model), "--out", str(tmp_path / "r"), "--device", "cpu"])
+    assert code == 2 and "--inputs DIR" in capsys.readouterr().err
