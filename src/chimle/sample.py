@@ -2,29 +2,44 @@
 
     chimle sample --model runs/sr --input photo.png -n 8 --seed 0 --out samples/
     chimle sample --model runs/sr --input photo.png -n 8 --keep-levels 2 --from-seed 3 --out samples/   # vary details
+    chimle sample --model runs/sr --input photo.png --sources 3:1,3:1,8:0,8:0 --out chosen/            # one exact image
+    chimle sample --model runs/sr --input big.png -n 4 --tile 32 --overlap 8 --out samples/           # bounded memory
 
     import chimle
     model = chimle.load("runs/sr")
     images = model.sample(image, n=8, seed=0)              # (8, 3, H, W) in [0, 1]
-    details = model.vary(image, seed=0, index=3, keep_levels=2, n=8)
+    details = model.vary(image, seed=0, keep_levels=2, n=8, index=3)          # keep the coarse levels of sample 3
+    structure = model.vary(image, seed=5, keep_levels=[2, 3], n=8, index=3)   # keep its fine levels instead
 
-The code of each level of sample k is drawn from its own CPU generator seeded from (seed, k, level), then
-moved to the device, so one sample can be regenerated alone and CPU and GPU draw the same codes. Keeping the
-first K levels of sample S and drawing the rest afresh keeps the coarse structure and varies the details.
+The code of level l of a sample is drawn from its own CPU generator seeded from (seed, index, l), its
+*source* (seed, index), then moved to the device, so one sample can be regenerated alone and CPU and GPU draw
+the same codes. Sample k of a seed takes every level from (seed, k). A variation keeps the sources of some
+levels of the sample it varies and draws the others from (new seed, j): keeping the coarse levels keeps the
+structure and varies the details; keeping the fine ones does the reverse. After any number of variations an
+image is named exactly by its list of per-level sources, which every saved sample records (a PNG text chunk)
+and `--sources` renders again.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import re
+import shlex
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from chimle import tasks
+from chimle import __version__, tasks
 from chimle.checkpoint import load_model
 from chimle.config import Config, ConfigError
 from chimle.data import DataError, list_images, load_image, save_image, seeded
 from chimle.generator import Generator
+from chimle.tiling import Tiling, render_tiled
 
 Source = tuple[int, int]  # (seed, sample index) whose stream draws a level's code
 
@@ -35,20 +50,63 @@ def codes_from_sources(code_sizes: list[int], sources: list[Source]) -> list[tor
             in enumerate(zip(code_sizes, sources))]
 
 
+def format_sources(sources: list[Source]) -> str:
+    """'seed:index,seed:index,...', coarse level first: how an image is named on the command line."""
+    return ",".join(f"{seed}:{index}" for seed, index in sources)
+
+
+SOURCES_PATTERN = re.compile(r"\d+:\d+(,\d+:\d+)*")
+
+
+def parse_sources(text: str, levels: int) -> list[Source]:
+    """The per-level sources of 'seed:index,...' (one pair per level, coarse to fine)."""
+    text = text.strip().replace(" ", "")
+    if not SOURCES_PATTERN.fullmatch(text):
+        raise ConfigError(f"sources {text!r}: give seed:index for each level, coarse to fine, e.g. "
+                          f"{format_sources([(3, 1)] * levels)}")
+    sources = [(int(seed), int(index)) for seed, index in (pair.split(":") for pair in text.split(","))]
+    if len(sources) != levels:
+        raise ConfigError(f"sources {text!r} name {len(sources)} level(s); the model has {levels}")
+    return sources
+
+
+def kept_levels(keep_levels: int | Iterable[int], levels: int) -> set[int]:
+    """The levels a variation keeps: K means the K coarsest (0..K-1); a collection names them (0 = coarsest)."""
+    if isinstance(keep_levels, int):
+        if not 0 <= keep_levels <= levels:
+            raise ValueError(f"keep_levels must be in 0..{levels}, got {keep_levels}")
+        return set(range(keep_levels))
+    keep = {int(level) for level in keep_levels}
+    if not keep <= set(range(levels)):
+        raise ValueError(f"kept levels must be in 0..{levels - 1}, got {sorted(keep)}")
+    return keep
+
+
+def variations(base: list[Source], keep: set[int], seed: int, n: int) -> list[list[Source]]:
+    """n per-level source lists: the levels in `keep` from `base`, the others from (seed, j) for variation j."""
+    return [[base[level] if level in keep else (seed, j) for level in range(len(base))] for j in range(n)]
+
+
 class Model:
     """A trained generator with its task: turns user images into many outputs."""
 
-    def __init__(self, generator: Generator, config: Config, device: torch.device | str = "cpu"):
+    def __init__(self, generator: Generator, config: Config, device: torch.device | str = "cpu",
+                 tiling: Tiling | None = None, path: str | Path | None = None):
         self.generator = generator.to(device).eval().requires_grad_(False)
         self.config = config
         self.task = tasks.get(config.task)
         self.device = torch.device(device)
+        self.tiling = tiling  # render inputs larger than one tile tile by tile (see chimle.tiling)
+        self.path = path  # the file or run directory it was loaded from, recorded with its samples
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None) -> Model:
+    def load(cls, path: str | Path, device: str | None = None, tile: int | None = None, overlap: int = 8,
+             tile_stats: str = "image") -> Model:
+        """A model file or run directory; `tile` (input px), `overlap` and `tile_stats` switch on tiled
+        rendering (see chimle.tiling)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         generator, config = load_model(path, device)
-        return cls(generator, config, device)
+        return cls(generator, config, device, Tiling(tile, overlap, tile_stats) if tile else None, path)
 
     @property
     def levels(self) -> int:
@@ -56,21 +114,37 @@ class Model:
 
     def inputs(self, image: torch.Tensor) -> list[torch.Tensor]:
         """The generator's input pyramid for one image (C, H, W) in [0, 1]."""
-        if image.ndim != 3:
-            raise DataError(f"expected one image (C, H, W), got a tensor of shape {tuple(image.shape)}")
-        if self.config.model.in_channels == 1 and image.shape[0] == 3:
-            image = image.mean(0, keepdim=True)
-        multiple = 1 if self.config.model.wiring == "super-resolution" else 2 ** (self.levels - 1)
-        h, w = image.shape[-2:]
-        if h % multiple or w % multiple:
-            raise DataError(f"an input of {w}x{h} px must have sides that are multiples of {multiple} for this model")
-        return [x.to(self.device) for x in self.task.inputs(image[None].float(), self.levels)]
+        image = self.task.check_input(image, self.config)
+        return [x.to(self.device) for x in self.task.inputs(image[None].float(), self.config)]
+
+    def load_input(self, path: str | Path) -> torch.Tensor:
+        """A user's input file as this model takes it (an image in [0, 1], or a one-hot label map)."""
+        return self.task.load_input(path, self.config)
+
+    def as_input(self, image: torch.Tensor | str | Path | Image.Image) -> torch.Tensor:
+        """A tensor (C, H, W) in [0, 1] as it is; a file path read with `load_input`; a PIL image as RGB."""
+        if isinstance(image, (str, Path)):
+            return self.load_input(image)
+        if isinstance(image, Image.Image):
+            return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).float().div_(255)
+        return image
 
     @torch.no_grad()
-    def render(self, image: torch.Tensor, sources: list[list[Source]], batch: int = 8) -> torch.Tensor:
-        """Final outputs (len(sources), 3, H, W) for one image, one list of per-level code sources each."""
+    def render(self, image: torch.Tensor | str | Path | Image.Image, sources: list[list[Source]],
+               batch: int = 1) -> torch.Tensor:
+        """Final outputs (len(sources), 3, H, W) for one image, one list of per-level code sources each (tile by
+        tile if the model has a tiling and the input is larger than a tile).
+
+        Each output is rendered alone by default, so its pixels do not depend on which other samples were drawn
+        with it: a batch > 1 is faster on a GPU but changes the last float bits (and so, rarely, a rounded
+        pixel), and then `--sources` reproduces a sample only to within that."""
+        if any(len(s) != self.levels for s in sources):
+            raise ValueError(f"every list of sources needs one (seed, index) per level ({self.levels})")
+        image = self.as_input(image)
         inputs = self.inputs(image)
+        size = tuple(image.shape[-2:])
         sizes = self.generator.code_sizes(self.generator.start(inputs))
+        tiled = self.tiling is not None and max(size) > self.tiling.size
         outputs = []
         with self.generator.folded():
             for start in range(0, len(sources), batch):
@@ -78,27 +152,100 @@ class Model:
                 codes = [codes_from_sources(sizes, s) for s in chunk]
                 stacked = [torch.cat([c[level] for c in codes]).to(self.device) for level in range(self.levels)]
                 repeated = [x.expand(len(chunk), -1, -1, -1) for x in inputs]
-                raw = self.generator(repeated, stacked)[-1]
-                outputs.append(self.task.image(raw, repeated, self.levels - 1).cpu())
+                if tiled:
+                    outputs.append(render_tiled(self.generator, self.task, repeated, stacked, self.tiling, size).cpu())
+                else:
+                    raw = self.generator(repeated, stacked)[-1]
+                    outputs.append(self.task.image(raw, repeated, self.levels - 1).cpu())
         return torch.cat(outputs)
 
-    def sample(self, image: torch.Tensor, n: int = 8, seed: int = 0, keep_levels: int = 0,
-               from_index: int = 0) -> torch.Tensor:
-        """n outputs (n, 3, H, W); output k is sample (seed, k), with the first keep_levels levels of from_index."""
-        if not 0 <= keep_levels <= self.levels:
-            raise ValueError(f"keep_levels must be in 0..{self.levels}, got {keep_levels}")
-        sources = [[(seed, from_index) if level < keep_levels else (seed, k) for level in range(self.levels)]
-                   for k in range(n)]
-        return self.render(image, sources)
+    def sample(self, image: torch.Tensor | str | Path | Image.Image, n: int = 8, seed: int = 0,
+               keep_levels: int | Iterable[int] = 0, from_index: int = 0, batch: int = 1) -> torch.Tensor:
+        """n outputs (n, 3, H, W); output k is sample (seed, k), with the levels `keep_levels` names (K: the K
+        coarsest) taken from sample (seed, from_index). `batch`: see `render`."""
+        keep = kept_levels(keep_levels, self.levels)
+        return self.render(image, variations([(seed, from_index)] * self.levels, keep, seed, n), batch)
 
-    def vary(self, image: torch.Tensor, seed: int, index: int, keep_levels: int, n: int = 8) -> torch.Tensor:
-        """n variations of sample (seed, index): its first keep_levels levels kept, the finer ones redrawn."""
-        return self.sample(image, n=n, seed=seed, keep_levels=keep_levels, from_index=index)
+    def vary(self, image: torch.Tensor | str | Path | Image.Image, seed: int, keep_levels: int | Iterable[int],
+             n: int = 8, index: int = 0, base: list[Source] | None = None) -> torch.Tensor:
+        """n variations (n, 3, H, W) of one sample: the levels `keep_levels` names (an int K: the K coarsest, so
+        the details vary; a collection such as [2, 3]: those levels, so the structure varies) keep the codes of
+        `base` (per-level sources; default: sample (seed, index)); the others of variation j come from (seed, j).
+        With the default base, variation `index` is the sample itself."""
+        base = base if base is not None else [(seed, index)] * self.levels
+        if len(base) != self.levels:
+            raise ValueError(f"base needs one (seed, index) per level ({self.levels}), got {len(base)}")
+        return self.render(image, variations(list(base), kept_levels(keep_levels, self.levels), seed, n))
+
+    @torch.no_grad()
+    def zero_codes(self, image: torch.Tensor) -> torch.Tensor:
+        """The output (1, 3, H, W) with every code zero (the codes' mean): one fixed output, what a deterministic
+        model would give; a baseline for evaluations."""
+        inputs = self.inputs(image)
+        sizes = self.generator.code_sizes(self.generator.start(inputs))
+        with self.generator.folded():
+            raw = self.generator(inputs, [torch.zeros(1, size, device=self.device) for size in sizes])[-1]
+        return self.task.image(raw, inputs, self.levels - 1).cpu()
 
 
-def load(path: str | Path, device: str | None = None) -> Model:
-    """A trained model (run directory or .safetensors file) ready to sample."""
-    return Model.load(path, device)
+def load(path: str | Path, device: str | None = None, tile: int | None = None, overlap: int = 8,
+         tile_stats: str = "image") -> Model:
+    """A trained model (run directory or .safetensors file) ready to sample; see `Model`."""
+    return Model.load(path, device, tile, overlap, tile_stats)
+
+
+PROVENANCE_KEY = "chimle"  # the PNG text chunk that holds a sample's provenance (JSON)
+
+
+def provenance(model: Model, sources: list[Source], input_name: str) -> dict:
+    """What names a sample: its model, input and per-level sources, and the command that renders it again."""
+    tiling = model.tiling
+    tile = [tiling.size, tiling.overlap, tiling.stats] if tiling else None
+    command = ["chimle", "sample", "--model", str(model.path or "MODEL"), "--input", input_name,
+               "--sources", format_sources(sources)]
+    if tiling:
+        command += ["--tile", str(tiling.size), "--overlap", str(tiling.overlap), "--tile-stats", tiling.stats]
+    return {"sources": format_sources(sources), "model": str(model.path), "task": model.config.task,
+            "levels": model.levels, "tile": tile, "input": input_name, "device": model.device.type,
+            "command": shlex.join([*command, "--out", "OUT"]), "chimle": __version__}
+
+
+def sources_tag(sources: list[Source]) -> str:
+    """Sources as a file-name part: 3:1,8:0 -> 3-1_8-0."""
+    return format_sources(sources).replace(":", "-").replace(",", "_")
+
+
+def png_bytes(image: torch.Tensor, info: dict | None = None) -> bytes:
+    """A (C, H, W) image in [0, 1] as PNG bytes (8 bits, rounded), `info` as JSON in its text chunk."""
+    array = image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    text = PngImagePlugin.PngInfo()
+    if info is not None:
+        text.add_text(PROVENANCE_KEY, json.dumps(info, sort_keys=True))
+    buffer = io.BytesIO()
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format="PNG", pnginfo=text)
+    return buffer.getvalue()
+
+
+def save_sample(image: torch.Tensor, path: str | Path, info: dict) -> None:
+    """Write a sample as PNG with its provenance."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(image, info))
+
+
+def read_provenance(path: str | Path) -> dict:
+    """The provenance a sample PNG written by chimle records."""
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get(PROVENANCE_KEY)
+    except (OSError, UnidentifiedImageError) as error:
+        raise DataError(f"{path}: not a readable PNG ({error})") from None
+    if text is None:
+        raise DataError(f"{path}: records no chimle sources (it was not saved by `chimle sample` or the web page)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise DataError(f"{path}: its chimle record is not valid JSON") from None
 
 
 def image_grid(rows: list[list[torch.Tensor]], path: str | Path | None = None, pad: int = 2) -> torch.Tensor:
@@ -119,21 +266,36 @@ def image_grid(rows: list[list[torch.Tensor]], path: str | Path | None = None, p
     return grid
 
 
+def sources_option(text: str, levels: int) -> list[Source]:
+    """`--sources`: 'seed:index,...' per level, or a PNG written by chimle (its recorded sources)."""
+    if not SOURCES_PATTERN.fullmatch(text.strip().replace(" ", "")) and Path(text).is_file():
+        return parse_sources(read_provenance(text)["sources"], levels)
+    return parse_sources(text, levels)
+
+
 def sample_command(args) -> None:
-    """`chimle sample`: every sample as STEM_K.png and a grid STEM_grid.png per input."""
-    model = Model.load(args.model, args.device)
+    """`chimle sample`: every sample as STEM_K.png and a grid STEM_grid.png per input; with --sources, the one
+    image those sources name as STEM_SOURCES.png. Every sample records its sources in a PNG text chunk."""
+    model = Model.load(args.model, args.device, args.tile, args.overlap, args.tile_stats)
     if args.keep_levels > model.levels:
         raise ConfigError(f"--keep-levels {args.keep_levels}: the model has {model.levels} levels")
+    chosen = sources_option(args.sources, model.levels) if args.sources else None
     files = list_images(args.input)
     targets = {p.stem: p for p in list_images(args.target)} if args.target else {}
     out = Path(args.out)
     for path in files:
-        image = load_image(path, grey=model.config.model.in_channels == 1)
-        samples = model.sample(image, n=args.num, seed=args.seed, keep_levels=args.keep_levels,
-                               from_index=args.from_seed)
+        image = model.load_input(path)
+        if chosen is not None:
+            name = out / f"{path.stem}_{sources_tag(chosen)}.png"
+            save_sample(model.render(image, [chosen])[0], name, provenance(model, chosen, path.name))
+            print(f"{path.name}: sources {format_sources(chosen)} -> {name}")
+            continue
+        sources = variations([(args.seed, args.from_seed)] * model.levels, kept_levels(args.keep_levels, model.levels),
+                             args.seed, args.num)
+        samples = model.render(image, sources)
         for k, sample in enumerate(samples):
-            save_image(sample, out / f"{path.stem}_{k}.png")
-        row = [image, *samples]
+            save_sample(sample, out / f"{path.stem}_{k}.png", provenance(model, sources[k], path.name))
+        row = [model.task.show_input(image, model.config), *samples]
         if path.stem in targets:
             row.append(load_image(targets[path.stem]))
         image_grid([row], out / f"{path.stem}_grid.png")

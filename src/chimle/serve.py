@@ -1,0 +1,529 @@
+"""`chimle serve`: a web page to draw samples, choose one, vary it and download it.
+
+    chimle serve --model runs/sr                                   # then open http://127.0.0.1:8000
+    chimle serve --model runs/sr --model runs/night2day --port 8080
+    chimle serve --model runs/sr --tile 32 --overlap 8 --device cuda
+
+The page (src/chimle/web/) takes an uploaded image or a built-in example, draws n samples with a progress bar,
+and lets a person choose one and vary it as many times as they like: keep its coarse levels and redraw the
+finer ones ("vary details"), or keep the fine levels and redraw the coarse ones ("vary structure"). Every
+image is named by its per-level code sources (see chimle.sample); the download is the image at full
+resolution as a PNG that records them, with the `chimle sample --sources` command that renders it again.
+
+Standard library only: http.server's ThreadingHTTPServer, JSON endpoints, uploads as the raw request body.
+
+    GET  /                        the page; /app.js, /style.css its script and style (a fixed list)
+    GET  /api/models              the models, built-in examples and limits
+    POST /api/images              raw image bytes (X-Filename: its name) -> {id, name, width, height}
+    POST /api/examples            {model, example} -> a built-in photo prepared for the model, as an upload
+    GET  /api/images/ID.png       an input as PNG (preview); /api/images/ID/original: the bytes as uploaded
+    POST /api/jobs                {model, image, n, seed?, base?, keep?} -> {id, seed}; rendered in the background
+    GET  /api/jobs/ID             {state, done, total, error, results}; /api/jobs/ID/K.png: result K
+    GET  /api/download?model=M&image=ID&sources=S:K,...   the image those sources name, as an attachment
+
+Safety: binds to 127.0.0.1 unless told otherwise, and then answers only requests addressed to localhost
+(DNS rebinding); uploads are limited in bytes and pixels, sniffed for their type and fully decoded before
+use; no part of a URL or file name reaches the file system (uploads live under random ids in a private
+temporary folder); JSON requests must say so (a cross-site form cannot send them); one lock serialises
+every use of the models, and a full queue is refused rather than piling up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import ipaddress
+import json
+import re
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import traceback
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+from PIL import Image, UnidentifiedImageError
+
+from chimle.checkpoint import CheckpointError
+from chimle.config import ConfigError
+from chimle.data import DataError, builtin_photos, center_crop, list_images, load_image, read_image
+from chimle.sample import (Model, format_sources, kept_levels, parse_sources, png_bytes, provenance, sources_tag,
+                           variations)
+from chimle.tasks import TaskError, downsample
+
+USER_ERRORS = (DataError, TaskError, ConfigError, CheckpointError)
+FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "BMP": "BMP", "TIFF": "TIFF", "PPM": "PPM/PGM"}
+STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+          "/style.css": ("style.css", "text/css; charset=utf-8")}
+LOCAL_NAMES = {"localhost", "127.0.0.1", "[::1]"}
+SIMPLE_TYPES = {"text/plain", "multipart/form-data", "application/x-www-form-urlencoded"}  # no CORS preflight
+ID = r"([0-9a-f]{16})"
+
+
+@dataclass
+class Limits:
+    upload_bytes: int = 20 * 2**20  # largest upload, bytes
+    input_pixels: int = 4_000_000  # largest input image, pixels
+    output_pixels: int = 2048 * 2048  # largest output image, pixels (untiled, the network's memory grows with it)
+    samples: int = 32  # most samples per request
+    queue: int = 8  # most requests waiting for or holding the models
+    json_bytes: int = 64 * 2**10  # largest JSON request body
+    images: int = 64  # inputs kept (the oldest is forgotten)
+    jobs: int = 64  # finished requests kept
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Upload:
+    id: str
+    name: str  # the file name as given (display and provenance only)
+    path: Path  # where the bytes are kept, named by the id
+    width: int
+    height: int
+    sha256: str
+
+
+@dataclass
+class Job:
+    id: str
+    model: str
+    image: str
+    seed: int
+    sources: list  # per result, its per-level sources
+    state: str = "queued"  # queued | running | done | error
+    error: str | None = None
+    results: list = field(default_factory=list)  # PNG bytes per finished result
+
+
+def model_names(paths: list[str]) -> list[str]:
+    """A short unique name per model: its run directory (or file stem), numbered if repeated."""
+    names = []
+    for path in paths:
+        p = Path(path)
+        name = p.parent.name if p.name == "model.safetensors" else (p.name if p.is_dir() else p.stem)
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", name) or "model"
+        names.append(name if name not in names else f"{name}-{names.count(name) + 1}")
+    return names
+
+
+def clean_name(name: str) -> str:
+    """A file name as given, reduced to a safe display name (no folders, no odd characters)."""
+    name = re.split(r"[/\\]", unquote(name or ""))[-1]
+    name = re.sub(r"[^A-Za-z0-9._ -]", "_", name).strip(" .")[:80]
+    return name or "upload"
+
+
+class App:
+    """The models, the inputs people gave and their requests; what the HTTP handler calls."""
+
+    def __init__(self, models: dict[str, Model], limits: Limits | None = None):
+        self.models = models
+        self.limits = limits or Limits()
+        self.model_lock = threading.Lock()  # one render at a time, whatever the number of requests
+        self.lock = threading.Lock()  # the bookkeeping below
+        self.folder = Path(tempfile.mkdtemp(prefix="chimle-serve-"))
+        self.uploads: OrderedDict[str, Upload] = OrderedDict()
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.examples = {p.stem: p for p in list_images(builtin_photos("heldout"))}
+        self.example_ids: dict[tuple[str, str], str] = {}
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def model(self, name) -> Model:
+        if not isinstance(name, str) or name not in self.models:
+            raise HTTPError(404, f"unknown model {name!r}; this server has {', '.join(self.models)}")
+        return self.models[name]
+
+    def describe(self) -> dict:
+        models = []
+        for name, m in self.models.items():
+            models.append({"name": name, "task": m.config.task, "summary": m.task.summary, "levels": m.levels,
+                           "scale": m.task.output_scale(m.levels), "multiple": self._multiple(m),
+                           "input": m.task.input_kind, "tile": asdict(m.tiling) if m.tiling else None})
+        return {"models": models, "examples": sorted(self.examples), "limits": asdict(self.limits)}
+
+    # Inputs ---------------------------------------------------------------------------------------------------
+
+    def add_image(self, data: bytes, name: str) -> Upload:
+        """Check an upload (type, pixels, a full decode) and keep it under a fresh id."""
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                kind, (width, height) = image.format, image.size
+        except (UnidentifiedImageError, OSError, ValueError):
+            kind = None
+        if kind not in FORMATS:
+            raise HTTPError(415, f"{name}: not an image this page takes; upload a {', '.join(FORMATS.values())} file")
+        if width * height > self.limits.input_pixels:
+            raise HTTPError(413, f"{name}: {width}x{height} px is more than this server takes "
+                                 f"({self.limits.input_pixels:,} pixels); downscale it first")
+        upload = Upload(secrets.token_hex(8), name, Path(), 0, 0, hashlib.sha256(data).hexdigest())
+        upload.path = self.folder / f"{upload.id}.{kind.lower()}"
+        upload.path.write_bytes(data)
+        try:
+            upload.height, upload.width = read_image(upload.path).shape[-2:]
+        except DataError as error:
+            upload.path.unlink(missing_ok=True)
+            raise DataError(str(error).replace(str(upload.path), name)) from None
+        with self.lock:
+            self.uploads[upload.id] = upload
+            while len(self.uploads) > self.limits.images:
+                _, old = self.uploads.popitem(last=False)
+                old.path.unlink(missing_ok=True)
+        return upload
+
+    def upload(self, image_id) -> Upload:
+        with self.lock:
+            if not isinstance(image_id, str) or image_id not in self.uploads:
+                raise HTTPError(404, "this image is no longer on the server; upload it again")
+            return self.uploads[image_id]
+
+    def example(self, model_name, example) -> Upload:
+        """A built-in held-out photo as an input for a model: a centre crop of its training size, downsampled
+        for super-resolution (what the model was trained to take)."""
+        m = self.model(model_name)
+        if not isinstance(example, str) or example not in self.examples:
+            raise HTTPError(404, f"unknown example {example!r}")
+        if m.task.input_kind != "image":
+            raise TaskError(f"the built-in examples are photos, and the {m.config.task} model takes label maps: "
+                            "upload a label map in its palette's colours")
+        key = (model_name, example)
+        if key in self.example_ids and self.example_ids[key] in self.uploads:
+            return self.uploads[self.example_ids[key]]
+        photo = load_image(self.examples[example])
+        step = 2**m.levels
+        side = min(m.config.data.crop, *photo.shape[-2:]) // step * step
+        image = center_crop(photo, side)
+        scale = m.task.output_scale(m.levels)
+        if scale > 1:
+            image = downsample(image[None], scale)[0]
+        upload = self.add_image(png_bytes(image), f"{example}.png")
+        self.example_ids[key] = upload.id
+        return upload
+
+    @staticmethod
+    def _multiple(m: Model) -> int:
+        return 1 if m.config.model.wiring == "super-resolution" else 2 ** (m.levels - 1)
+
+    def check_fits(self, m: Model, upload: Upload) -> None:
+        """Refuse, with what to do, an input whose sides the model cannot halve or whose output is too large."""
+        w, h, k = upload.width, upload.height, self._multiple(m)
+        if w % k or h % k:
+            fit = f"{max(w // k, 1) * k}x{max(h // k, 1) * k}"
+            raise TaskError(f"this model needs sides that are multiples of {k} px, and {upload.name} is {w}x{h}: "
+                            f"crop (or pad) it to {fit} px and upload it again")
+        s = m.task.output_scale(m.levels)
+        if w * h * s * s > self.limits.output_pixels:
+            f = (self.limits.output_pixels / (w * h * s * s)) ** 0.5
+            raise TaskError(f"this model makes images {s}x larger, so {w}x{h} px would give {w * s}x{h * s} px, more "
+                            f"than this server renders ({self.limits.output_pixels:,} pixels): downscale the input "
+                            f"to at most {int(w * f)}x{int(h * f)} px")
+
+    # Requests -------------------------------------------------------------------------------------------------
+
+    def submit(self, request: dict) -> Job:
+        """Queue n samples of an input, or n variations of a chosen image (base + kept levels)."""
+        m, upload = self.model(request.get("model")), self.upload(request.get("image"))
+        self.check_fits(m, upload)
+        n = _integer(request.get("n", min(8, self.limits.samples)), "n")
+        if not 1 <= n <= self.limits.samples:
+            raise HTTPError(400, f"ask for 1 to {self.limits.samples} samples, not {n}")
+        seed = request.get("seed")
+        seed = secrets.randbelow(10_000) if seed in (None, "") else _integer(seed, "seed")
+        if seed < 0:
+            raise HTTPError(400, f"the seed must be 0 or more, not {seed}")
+        if request.get("base"):
+            base = parse_sources(str(request["base"]), m.levels)
+            if not isinstance(request.get("keep", []), list):
+                raise HTTPError(400, "keep must be a list of the levels to keep, e.g. [0, 1]")
+            try:
+                keep = kept_levels([_integer(level, "keep") for level in request.get("keep", [])], m.levels)
+            except (ValueError, TypeError) as error:
+                raise HTTPError(400, str(error)) from None
+            sources = variations(base, keep, seed, n)
+        else:
+            sources = variations([(seed, 0)] * m.levels, set(), seed, n)
+        job = Job(secrets.token_hex(8), request["model"], upload.id, seed, sources)
+        with self.lock:
+            waiting = sum(j.state in ("queued", "running") for j in self.jobs.values())
+            if waiting >= self.limits.queue:
+                raise HTTPError(503, f"the server is busy with {waiting} requests; try again in a moment")
+            self.jobs[job.id] = job
+            finished = [j.id for j in self.jobs.values() if j.state in ("done", "error")]
+            for old in finished[: max(0, len(self.jobs) - self.limits.jobs)]:
+                del self.jobs[old]
+        threading.Thread(target=self._run, args=(job,), daemon=True).start()
+        return job
+
+    def _run(self, job: Job) -> None:
+        m, upload = self.models[job.model], self.uploads.get(job.image)
+        with self.model_lock:
+            job.state = "running"
+            try:
+                if upload is None:
+                    raise DataError("the image was forgotten before its turn came; upload it again")
+                image = m.load_input(upload.path)
+                for sources in job.sources:
+                    job.results.append(png_bytes(m.render(image, [sources])[0], provenance(m, sources, upload.name)))
+                job.state = "done"
+            except USER_ERRORS as error:
+                message = str(error)
+                job.error, job.state = message.replace(str(upload.path), upload.name) if upload else message, "error"
+            except Exception as error:  # noqa: BLE001 - the page shows it; the console keeps the traceback
+                traceback.print_exc()
+                job.error, job.state = f"internal error: {error.__class__.__name__}: {error}", "error"
+
+    def job(self, job_id) -> Job:
+        with self.lock:
+            if job_id not in self.jobs:
+                raise HTTPError(404, "this request is no longer on the server; sample again")
+            return self.jobs[job_id]
+
+    def status(self, job: Job) -> dict:
+        results = [{"index": k, "sources": format_sources(s), "url": f"/api/jobs/{job.id}/{k}.png",
+                    "download": self.download_url(job.model, job.image, s),
+                    "command": provenance(self.models[job.model], s, self.uploads[job.image].name)["command"]
+                    if job.image in self.uploads else None}
+                   for k, s in enumerate(job.sources[: len(job.results)])]
+        return {"id": job.id, "state": job.state, "done": len(job.results), "total": len(job.sources),
+                "seed": job.seed, "error": job.error, "results": results}
+
+    @staticmethod
+    def download_url(model: str, image: str, sources) -> str:
+        return "/api/download?" + urlencode({"model": model, "image": image, "sources": format_sources(sources)})
+
+    def download(self, query: dict) -> tuple[bytes, str]:
+        """The PNG of the image some sources name (from a finished request, else rendered now), and its name."""
+        m, upload = self.model(query.get("model")), self.upload(query.get("image"))
+        sources = parse_sources(query.get("sources", ""), m.levels)
+        name = f"{Path(upload.name).stem}_{sources_tag(sources)}.png"
+        with self.lock:
+            for job in reversed(self.jobs.values()):
+                if job.model == query["model"] and job.image == upload.id and sources in job.sources:
+                    k = job.sources.index(sources)
+                    if k < len(job.results):
+                        return job.results[k], name
+        self.check_fits(m, upload)
+        with self.model_lock:
+            image = m.render(m.load_input(upload.path), [sources])[0]
+        return png_bytes(image, provenance(m, sources, upload.name)), name
+
+
+def _integer(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not re.fullmatch(r"-?\d{1,18}", str(value)):
+        raise HTTPError(400, f"{what} must be a whole number, not {value!r}")
+    return int(value)
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "chimle"
+    routes = [
+        ("GET", r"/api/models", "models"), ("POST", r"/api/images", "add_image"),
+        ("POST", r"/api/examples", "example"), ("GET", rf"/api/images/{ID}\.png", "preview"),
+        ("GET", rf"/api/images/{ID}/original", "original"), ("POST", r"/api/jobs", "submit"),
+        ("GET", rf"/api/jobs/{ID}", "job"), ("GET", rf"/api/jobs/{ID}/(\d{{1,3}})\.png", "result"),
+        ("GET", r"/api/download", "download"),
+    ]
+
+    @property
+    def app(self) -> App:
+        return self.server.app
+
+    def do_GET(self):
+        self.handle_request("GET")
+
+    def do_POST(self):
+        self.handle_request("POST")
+
+    def handle_request(self, method: str) -> None:
+        try:
+            self.check_host()
+            url = urlsplit(self.path)
+            if method == "GET" and url.path in STATIC:
+                name, kind = STATIC[url.path]
+                return self.send(200, self.server.files[name], kind)
+            for verb, pattern, action in self.routes:
+                match = re.fullmatch(pattern, url.path)
+                if match and verb == method:
+                    return getattr(self, f"api_{action}")(*match.groups(), query=url.query)
+            raise HTTPError(404, f"nothing at {url.path}")
+        except HTTPError as error:
+            self.send_json({"error": str(error)}, error.status)
+        except USER_ERRORS as error:
+            self.send_json({"error": str(error)}, 400)
+        except Exception as error:  # noqa: BLE001 - one bad request must not take the server down
+            traceback.print_exc()
+            self.send_json({"error": f"internal error: {error.__class__.__name__}: {error}"}, 500)
+
+    def check_host(self) -> None:
+        """When serving this machine only, answer only requests addressed to it (a DNS-rebinding guard)."""
+        if self.server.local_only:
+            host = (self.headers.get("Host") or "").lower()
+            host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if host not in LOCAL_NAMES:
+                raise HTTPError(403, f"this server answers requests for localhost only, not {host!r}; "
+                                     "start it with --host to serve other names")
+
+    def body(self, limit: int, json_body: bool) -> bytes:
+        kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if json_body and kind != "application/json":
+            raise HTTPError(415, "send JSON with Content-Type: application/json")
+        if not json_body and (kind in SIMPLE_TYPES or not kind):
+            raise HTTPError(415, "send the image as the raw request body with its type (e.g. image/png)")
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise HTTPError(411, "the request needs a Content-Length")
+        length = int(length)
+        if length > limit:
+            # Read it all (up to a point), so that the browser sees the answer instead of a reset connection.
+            remaining = length if length <= 8 * limit else 0
+            while remaining > 0 and (chunk := self.rfile.read(min(2**20, remaining))):
+                remaining -= len(chunk)
+            self.close_connection = True
+            if json_body:
+                raise HTTPError(413, f"the request is {length:,} bytes; the most this server reads is {limit:,}")
+            raise HTTPError(413, f"the file is {length / 2**20:.1f} MB; this server takes up to "
+                                 f"{limit / 2**20:.0f} MB: downscale or compress it first")
+        return self.rfile.read(length)
+
+    def json(self) -> dict:
+        try:
+            value = json.loads(self.body(self.app.limits.json_bytes, json_body=True))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise HTTPError(400, "the request body is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise HTTPError(400, "the request body must be a JSON object")
+        return value
+
+    # Endpoints ------------------------------------------------------------------------------------------------
+
+    def api_models(self, query):
+        self.send_json(self.app.describe())
+
+    def api_add_image(self, query):
+        name = clean_name(self.headers.get("X-Filename", ""))
+        self.send_json(self.upload_info(self.app.add_image(self.body(self.app.limits.upload_bytes, False), name)))
+
+    def api_example(self, query):
+        request = self.json()
+        self.send_json(self.upload_info(self.app.example(request.get("model"), request.get("example"))))
+
+    def api_preview(self, image_id, query):
+        upload = self.app.upload(image_id)
+        if upload.path.suffix == ".png":
+            return self.send(200, upload.path.read_bytes(), "image/png")
+        self.send(200, png_bytes(load_image(upload.path)), "image/png")
+
+    def api_original(self, image_id, query):
+        upload = self.app.upload(image_id)
+        self.send(200, upload.path.read_bytes(), "application/octet-stream",
+                  {"Content-Disposition": f'attachment; filename="{upload.name}"'})
+
+    def api_submit(self, query):
+        job = self.app.submit(self.json())
+        self.send_json({"id": job.id, "seed": job.seed, "total": len(job.sources)}, 202)
+
+    def api_job(self, job_id, query):
+        self.send_json(self.app.status(self.app.job(job_id)))
+
+    def api_result(self, job_id, k, query):
+        job = self.app.job(job_id)
+        if int(k) >= len(job.results):
+            raise HTTPError(404, f"result {k} of this request is not ready")
+        self.send(200, job.results[int(k)], "image/png")
+
+    def api_download(self, query):
+        params = {key: values[0] for key, values in parse_qs(query).items()}
+        data, name = self.app.download(params)
+        self.send(200, data, "image/png", {"Content-Disposition": f'attachment; filename="{name}"'})
+
+    @staticmethod
+    def upload_info(upload: Upload) -> dict:
+        return {"id": upload.id, "name": upload.name, "width": upload.width, "height": upload.height,
+                "preview": f"/api/images/{upload.id}.png", "original": f"/api/images/{upload.id}/original"}
+
+    # Responses ------------------------------------------------------------------------------------------------
+
+    def send_json(self, value, status: int = 200) -> None:
+        self.send(status, json.dumps(value).encode(), "application/json")
+
+    def send(self, status: int, data: bytes, kind: str, headers: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' blob: data:; "
+                                                    "frame-ancestors 'none'; form-action 'none'")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, app: App, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False):
+        super().__init__((host, port), Handler)
+        self.app, self.verbose = app, verbose
+        self.local_only = _is_loopback(host)
+        web = resources.files("chimle").joinpath("web")
+        self.files = {name: web.joinpath(name).read_bytes() for name, _ in STATIC.values()}
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def serve_command(args) -> None:
+    """`chimle serve`: load the models, then serve the page until interrupted."""
+    names = model_names(args.model)
+    models = {}
+    for name, path in zip(names, args.model):
+        models[name] = Model.load(path, args.device, args.tile, args.overlap, args.tile_stats)
+        print(f"model {name}: {models[name].config.task}, {models[name].levels} levels ({path})")
+    limits = Limits(upload_bytes=int(args.max_upload_mb * 2**20), input_pixels=args.max_pixels,
+                    output_pixels=args.max_output_pixels)
+    app = App(models, limits)
+    try:
+        server = Server(app, args.host, args.port, verbose=True)
+    except OSError as error:
+        app.close()
+        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({error.strerror}); "
+                          "give another --port (0 picks a free one)") from None
+    if not server.local_only:
+        print(f"warning: listening on {args.host}: anyone who can reach this address can use the page",
+              file=sys.stderr)
+    print(f"chimle serve: open {server.url}  (Ctrl+C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopping")
+    finally:
+        server.server_close()
+        app.close()
