@@ -1,0 +1,782 @@
+"""Speed of the code search, the training step and sampling at the paper's widths, against a naive reference mode
+that does the official implementation's work (chimle.naive), with the speed levers measured one by one.
+
+    python benchmarks/speed.py --quick                 # a rehearsal: 1 RRDB per level instead of 6, pools 40/40/20/10
+    python benchmarks/speed.py                         # the full report (about an hour on an idle 2-core CPU)
+    python benchmarks/speed.py --threads 1 --examples 2 --naive-examples 1 --bf16-examples 4   # the committed one
+    python benchmarks/speed.py --device cuda           # one GPU
+    python benchmarks/speed.py --tasks super-resolution --skip levers,bf16 --resume   # finish an interrupted run
+
+Model: the `paper` preset (210.6 M parameters, 6 RRDBs per level, LPIPS-VGG) at scaled resolutions:
+super-resolution 8 -> 128 px (levels render 16, 32, 64, 128 px) and the generic wiring (the decompression task)
+at 64 px (levels render 8 ... 64 px); pools (200, 200, 20, 10). Weights as initialised (speed does not depend on
+their values), inputs cropped from the built-in photos.
+
+Each measurement runs in a child process of its own, so that its peak resident memory (the child's getrusage
+ru_maxrss: Python, PyTorch, the model, LPIPS and the measurement) is its own. Phases:
+    search   naive vs ours on 1 and --examples examples; a ladder adding one lever at a time on 1 example;
+             where the time goes (torch.profiler over the record_function stages of the search, top operators)
+    memory   the search's peak memory where it is largest (a full group of examples), without the profiler
+    levers   one render of 16 candidates at the second level + LPIPS, each inference lever alone: weight-norm
+             folding, channels-last, inference mode, torch.compile, bfloat16 autocast
+    bf16     whether a bfloat16-autocast search chooses the float32 codes, and a bf16 training step and its
+             effect on the loss (on devices without bf16 arithmetic at 1/8 of the widths: 10-40x slower there)
+    train    one float32 training step at batch 1: naive (anomaly detection on), then each training lever
+    sample   images per second: naive, chimle.sample as it is, fixed weights, batched
+With one torch thread on a CPU (--threads 1) every time is the process's CPU time, which other work on a shared
+machine cannot inflate; otherwise wall time. Writes OUT/speed.json and OUT/speed.md (OUT: benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from chimle import tasks  # noqa: E402
+from chimle.blocks import WNConv2d  # noqa: E402
+from chimle.config import Config, resolve  # noqa: E402
+from chimle.data import ImageFolder, builtin_photos  # noqa: E402
+from chimle.generator import Generator, count_parameters  # noqa: E402
+from chimle.naive import naive_search, naive_step  # noqa: E402
+from chimle.perceptual import LPIPS  # noqa: E402
+from chimle.search import channels_last, fixed_weights, hierarchical_search  # noqa: E402
+from chimle.train import level_losses  # noqa: E402
+
+TASKS = {"super-resolution": 128, "decompression": 64}  # task -> crop (target side), px
+PHASES = ("search", "memory", "levers", "bf16", "train", "sample")
+NARROW = ["model.channels=[16,8,8,8]", "model.growth=[32,24,16,8]"]  # 1/8 of the paper's widths (bf16 on CPU)
+GIB = 2**30
+
+
+# Setup shared by the phases ------------------------------------------------------------------------------------
+
+
+OVERRIDES: list[str] = []  # --override values, set in each child from its spec
+
+
+def make_config(task: str, quick: bool, extra: list[str] = ()) -> Config:
+    return resolve(task=task, preset="paper", overrides=[f"data.crop={TASKS[task]}", *(["model.blocks=1"] if quick else []),
+                                                          *extra, *OVERRIDES])
+
+
+def examples(config: Config, count: int, device: torch.device):
+    """Input and target pyramids of `count` crops of the built-in photos."""
+    folder = ImageFolder(builtin_photos("train"), config.data.crop)
+    images = torch.stack([folder.example(0, i).image for i in range(count)])
+    inputs, targets = tasks.get(config.task).pair(images, config)
+    return [x.to(device) for x in inputs], [y.to(device) for y in targets]
+
+
+def build(config: Config, device: torch.device, train: bool = False):
+    torch.manual_seed(0)
+    generator = Generator(config.model).to(device)
+    generator.train(train).requires_grad_(train)
+    return generator, LPIPS("vgg").to(device), tasks.get(config.task)
+
+
+def clock(device: torch.device):
+    """The clock of every measurement: on a CPU with one torch thread, the process's CPU time, which other
+    processes on a shared machine cannot inflate and which equals wall time on an idle one; wall time
+    otherwise (several threads, or a GPU)."""
+    return time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rss_gib() -> float:
+    """Resident memory now (Linux /proc), GiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux reports KiB
+
+
+def level_macs(generator: Generator, inputs: list[torch.Tensor]) -> list[int]:
+    """Multiply-accumulates of rendering each level for one example (convolutions and linear layers)."""
+    counts, current = [0] * generator.cfg.levels, [0]
+
+    def hook(module, args, output):
+        if isinstance(module, WNConv2d):
+            counts[current[0]] += module.weight_v.numel() * output.shape[-2] * output.shape[-1]
+        else:
+            counts[current[0]] += module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(hook) for m in generator.modules() if isinstance(m, (WNConv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        prefix = generator.start([x[:1] for x in inputs])
+        for level, size in enumerate(generator.code_sizes(prefix)):
+            current[0] = level
+            _, prefix = generator.render_level(prefix, torch.zeros(1, size, device=inputs[0].device))
+    for h in handles:
+        h.remove()
+    return counts
+
+
+def search_macs(macs: list[int], pools: list[int], mode: str, mini_batch: int = 20) -> float:
+    """Generator GMAC per example. Every candidate renders its level; besides, the naive search re-renders the
+    lower levels for every copy in each mini-batch, its prefix-caching variants once per level, ours renders
+    each winner once."""
+    total = 0
+    for level, m in enumerate(pools):
+        total += m * macs[level]
+        if mode == NAIVE:
+            total += -(-m // mini_batch) * min(m, mini_batch) * sum(macs[:level])
+        elif mode in (PREFIX, FOLDED):
+            total += sum(macs[:level])
+        else:
+            total += macs[level]
+    return total / 1e9
+
+
+# Phase: search -------------------------------------------------------------------------------------------------
+
+NAIVE, PREFIX, FOLDED, BATCHED, OURS = ("naive", "+ prefix caching", "+ weight-norm folding",
+                                       "+ batching, inference mode", "ours (+ channels-last)")
+SEARCHES = {  # name -> how it searches; the ladder adds one lever at a time
+    NAIVE: lambda g, d, t, x, y, s, p, b: naive_search(g, d, t, x, y, s, p),
+    PREFIX: lambda g, d, t, x, y, s, p, b: naive_search(g, d, t, x, y, s, p, reuse_prefix=True),
+    FOLDED: lambda g, d, t, x, y, s, p, b: _folded_naive(g, d, t, x, y, s, p),
+    BATCHED: lambda g, d, t, x, y, s, p, b: hierarchical_search(g, d, t, x, y, s, p, b, layout=False),
+    OURS: lambda g, d, t, x, y, s, p, b: hierarchical_search(g, d, t, x, y, s, p, b),
+}
+
+
+def _folded_naive(g, d, t, x, y, s, p):
+    with g.folded():
+        return naive_search(g, d, t, x, y, s, p, reuse_prefix=True)
+
+
+def phase_search(spec: dict, device: torch.device) -> dict:
+    config = make_config(spec["task"], spec["quick"])
+    generator, lpips, task = build(config, device)
+    inputs, targets = examples(config, spec["examples"], device)
+    seeds = torch.arange(1000, 1000 + spec["examples"])
+    pools = spec["pools"]
+    macs = level_macs(generator, inputs)
+    before = rss_gib()
+    with torch.profiler.profile(activities=_activities(device)) as prof:
+        sync(device)
+        started, cpu = time.perf_counter(), time.process_time()
+        result = SEARCHES[spec["mode"]](generator, lpips, task, inputs, targets, seeds, pools, config.search.max_batch)
+        sync(device)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    wall = seconds
+    events = prof.key_averages()
+    stages = {e.key.removeprefix("search."): e.cpu_time_total / 1e6 for e in events if e.key.startswith("search.")}
+    ops = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)[:8]
+    if clock(device) is time.process_time:
+        seconds = cpu
+    return {"seconds": seconds, "seconds_per_example": seconds / spec["examples"], "cpu_seconds": cpu, "wall_seconds_search": wall, "stages": stages,
+            "operators": {e.key: e.self_cpu_time_total / 1e6 for e in ops},
+            "generator_gmac_per_example": search_macs(macs, pools, spec["mode"]), "level_gmac": [m / 1e9 for m in macs],
+            "rss_before_gib": before, "peak_rss_gib": peak_rss_gib(), **_gpu_memory(device),
+            "winners": result.winners.tolist(), "distances": result.distances.tolist()}
+
+
+def _activities(device: torch.device):
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    return acts
+
+
+def _gpu_memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / GIB}
+
+
+# Phase: peak memory of the search ------------------------------------------------------------------------------
+
+
+def phase_memory(spec: dict, device: torch.device) -> dict:
+    """Peak memory of the search where it is largest: a full group of examples (max_batch // smallest pool),
+    whose last level fills a batch of about max_batch renders at the largest size. The group's pools are all
+    the smallest of the paper's (10): the same groups and last-level batches, without the long first levels."""
+    config = make_config(spec["task"], spec["quick"])
+    generator, lpips, task = build(config, device)
+    pools = [min(spec["pools"])] * config.model.levels
+    group = config.search.max_batch // pools[0]
+    inputs, targets = examples(config, group, device)
+    before = rss_gib()
+    hierarchical_search(generator, lpips, task, inputs, targets, torch.arange(group), pools, config.search.max_batch)
+    return {"examples": group, "memory_pools": pools, "max_batch": config.search.max_batch, "rss_before_gib": before,
+            "peak_rss_gib": peak_rss_gib(), **_gpu_memory(device)}
+
+
+# Phase: levers on one render -----------------------------------------------------------------------------------
+
+
+def phase_levers(spec: dict, device: torch.device) -> dict:
+    """Level-1 render of `batch` candidates + their LPIPS features, each lever alone against the plain render."""
+    config = make_config("super-resolution", spec["quick"])
+    generator, lpips, task = build(config, device)
+    inputs, _ = examples(config, 1, device)
+    level, batch = 1, spec["batch"]
+    with torch.no_grad():
+        sizes = generator.code_sizes(generator.start(inputs))
+        _, prefix = generator.render_level(generator.start(inputs), torch.randn(1, sizes[0], device=device))
+    codes = torch.randn(batch, sizes[level], generator=torch.Generator().manual_seed(0)).to(device)
+
+    def render(prefix, codes):
+        raw, _ = generator.render_level(prefix.repeat(codes.shape[0]), codes)
+        return lpips.features(task.image(raw, inputs, level))[-1]
+
+    now = clock(device)
+
+    def timed(fn, reps: int) -> float:
+        """Milliseconds per candidate, best of `reps` after a warm-up."""
+        fn()
+        best = float("inf")
+        for _ in range(reps):
+            sync(device)
+            started = now()
+            out = fn()
+            sync(device)
+            best = min(best, now() - started)
+        return best / out.shape[0] * 1000
+
+    reps = spec["reps"]
+    rows = {}
+    with torch.no_grad():
+        rows["plain (weight norm every forward, NCHW, no_grad)"] = timed(lambda: render(prefix, codes), reps)
+        with generator.folded():
+            rows["weight-norm folding alone"] = timed(lambda: render(prefix, codes), reps)
+        with channels_last(generator):
+            rows["channels-last alone"] = timed(lambda: render(prefix, codes), reps)
+    with torch.inference_mode():
+        rows["inference mode alone"] = timed(lambda: render(prefix, codes), reps)
+    with fixed_weights(generator, device):
+        rows["all three (chimle.search.fixed_weights)"] = timed(lambda: render(prefix, codes), reps)
+        if spec["compile"]:
+            compiled = torch.compile(render)
+            started = now()
+            compiled(prefix, codes)
+            compile_seconds = now() - started
+            rows["all three + torch.compile"] = timed(lambda: compiled(prefix, codes), reps)
+    # bfloat16 on a few candidates only: on CPUs without bf16 arithmetic it is very slow.
+    few = codes[: spec["bf16_batch"]]
+    with fixed_weights(generator, device):
+        fp32_few = timed(lambda: render(prefix, few), 1)
+    with fixed_weights(generator, device, dtype=torch.bfloat16):
+        bf16_few = timed(lambda: render(prefix, few), 1)
+    out = {"ms_per_candidate": rows, "batch": batch, "level": level,
+           "bf16": {"batch": len(few), "fp32_ms_per_candidate": fp32_few, "bf16_ms_per_candidate": bf16_few},
+           "native_bf16": native_bf16(device), "peak_rss_gib": peak_rss_gib()}
+    if spec["compile"]:
+        out["compile_seconds"] = compile_seconds
+    return out
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device has bfloat16 arithmetic (CPU: AVX512-BF16 or AMX), so that autocast can pay."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+# Phase: does a bf16 search choose what a float32 search chooses? -----------------------------------------------
+
+
+def phase_bf16(spec: dict, device: torch.device) -> dict:
+    narrow = not native_bf16(device)
+    config = make_config("super-resolution", spec["quick"], NARROW if narrow else [])
+    generator, lpips, task = build(config, device)
+    inputs, targets = examples(config, spec["examples"], device)
+    seeds = torch.arange(2000, 2000 + spec["examples"])
+    runs, now = {}, clock(device)
+    for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):
+        started = now()
+        runs[name] = hierarchical_search(generator, lpips, task, inputs, targets, seeds, spec["pools"],
+                                         config.search.max_batch, dtype=dtype)
+        runs[name + "_seconds"] = now() - started
+    a, b = runs["float32"], runs["bfloat16"]
+    same = (a.winners == b.winners).all(dim=1)
+    first_diff = [int((a.winners[i] != b.winners[i]).nonzero()[0]) for i in range(len(same)) if not same[i]]
+    return {"narrow_model": narrow, "widths": {"channels": config.model.channels, "growth": config.model.growth},
+            "examples": spec["examples"], "pools": spec["pools"],
+            "examples_with_identical_codes": int(same.sum()), "fraction_identical": float(same.float().mean()),
+            "per_level_agreement": (a.winners == b.winners).float().mean(0).tolist(),
+            "first_differing_level": first_diff,
+            "distance_fp32": a.distances.mean(0).tolist(), "distance_bf16": b.distances.mean(0).tolist(),
+            "seconds": {"float32": runs["float32_seconds"], "bfloat16": runs["bfloat16_seconds"]},
+            "peak_rss_gib": peak_rss_gib()}
+
+
+# Phase: training step ------------------------------------------------------------------------------------------
+
+TRAIN_LADDER = {  # name -> (anomaly detection, Adam implementation, channels-last); the levers accumulate
+    "naive (anomaly detection on)": (True, "for-loop", False),
+    "- anomaly detection (chimle.train as it is)": (False, "for-loop", False),
+    "+ foreach Adam": (False, "foreach", False),
+    "+ fused Adam": (False, "fused", False),
+    "+ fused Adam, channels-last": (False, "fused", True),
+}
+
+
+def adam(config: Config, generator: Generator, kind: str) -> torch.optim.Adam:
+    """chimle.train.make_optimizer's groups and rates, with a chosen Adam implementation."""
+    t = config.train
+    mapping = {id(p) for p in generator.mapping_parameters()}
+    groups = [{"params": [p for p in generator.parameters() if id(p) not in mapping], "lr": t.lr},
+              {"params": generator.mapping_parameters(), "lr": t.lr * t.mapping_lr_scale}]
+    options = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[kind]
+    return torch.optim.Adam(groups, betas=(t.beta1, t.beta2), **options)
+
+
+def train_setup(config: Config, device: torch.device, kind: str, layout: bool):
+    generator, lpips, task = build(config, device, train=True)
+    if layout:
+        generator.to(memory_format=torch.channels_last)
+    inputs, targets = examples(config, 1, device)
+    sizes = generator.code_sizes(generator.start(inputs))
+    codes = [torch.randn(1, s, generator=torch.Generator().manual_seed(level)).to(device) for level, s in enumerate(sizes)]
+    return generator, lpips, task, adam(config, generator, kind), (inputs, targets, codes)
+
+
+def train_steps(generator, lpips, task, optimizer, batch, device, warmup: int, steps: int, anomaly: bool = False,
+                dtype: torch.dtype | None = None) -> dict:
+    """Seconds per step (best of `steps` after `warmup`), split into forward, backward and Adam."""
+    inputs, targets, codes = batch
+    best, now = None, clock(device)
+    for step in range(warmup + steps):
+        started = now()
+        if anomaly:  # forward and backward together: anomaly mode is one context around both
+            naive_step(generator, lpips, task, optimizer, inputs, targets, codes)
+            sync(device)
+            times = {"forward": now() - started, "backward": 0.0, "optimizer": 0.0}
+        else:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                losses = level_losses(generator, lpips, task, inputs, targets, codes)
+            sync(device)
+            t1 = now()
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            sync(device)
+            t2 = now()
+            optimizer.step()
+            sync(device)
+            times = {"forward": t1 - started, "backward": t2 - t1, "optimizer": now() - t2}
+        if step >= warmup and (best is None or sum(times.values()) < sum(best.values())):
+            best = times
+    return {"seconds_per_step": sum(best.values()), "breakdown": best, "steps": steps}
+
+
+def phase_train(spec: dict, device: torch.device) -> dict:
+    config = make_config("super-resolution", spec["quick"])
+    anomaly, kind, layout = TRAIN_LADDER[spec["variant"]]
+    generator, lpips, task, optimizer, batch = train_setup(config, device, kind, layout)
+    result = train_steps(generator, lpips, task, optimizer, batch, device, spec["warmup"], spec["steps"], anomaly)
+    return {**result, "peak_rss_gib": peak_rss_gib(), **_gpu_memory(device)}
+
+
+def phase_train_bf16(spec: dict, device: torch.device) -> dict:
+    """bf16 autocast against float32, same weights: step time and the effect on the loss and its gradient. On
+    a device without bf16 arithmetic, at 1/8 of the widths (the paper's would take many minutes a step)."""
+    narrow = not native_bf16(device)
+    config = make_config("super-resolution", spec["quick"], NARROW if narrow else [])
+    generator, lpips, task, optimizer, batch = train_setup(config, device, "fused", False)
+    effect = bf16_effect(generator, lpips, task, *batch, device)
+    times = {name: train_steps(generator, lpips, task, optimizer, batch, device, spec["warmup"], spec["steps"],
+                               dtype=dtype) for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16))}
+    return {"narrow_model": narrow, "widths": {"channels": config.model.channels, "growth": config.model.growth},
+            "parameters": count_parameters(generator), "steps": times, "effect": effect,
+            "peak_rss_gib": peak_rss_gib()}
+
+
+def bf16_effect(generator, lpips, task, inputs, targets, codes, device) -> dict:
+    """Per-level losses and the gradient under float32 and under bf16 autocast, same weights and batch."""
+    grads, losses = [], []
+    for dtype in (None, torch.bfloat16):
+        generator.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = level_losses(generator, lpips, task, inputs, targets, codes)
+        loss.sum().backward()
+        losses.append(loss.detach().float())
+        grads.append(torch.cat([p.grad.flatten() for p in generator.parameters() if p.grad is not None]))
+    generator.zero_grad(set_to_none=True)
+    return {"loss_fp32": losses[0].tolist(), "loss_bf16": losses[1].tolist(),
+            "max_relative_loss_difference": float(((losses[1] - losses[0]).abs() / losses[0]).max()),
+            "gradient_cosine": float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0))}
+
+
+# Phase: sampling -----------------------------------------------------------------------------------------------
+
+
+def phase_sample(spec: dict, device: torch.device) -> dict:
+    """Images per second: the naive way, `chimle.sample.Model.sample` as it is, and under `fixed_weights`."""
+    from chimle.sample import Model
+
+    config = make_config("super-resolution", spec["quick"])
+    generator, _, task = build(config, device)
+    inputs, _ = examples(config, 1, device)
+    sizes = generator.code_sizes(generator.start(inputs))
+    n, batch = spec["images"], spec["batch"]
+    codes = [torch.randn(n, s, generator=torch.Generator().manual_seed(level)).to(device) for level, s in enumerate(sizes)]
+
+    def render(size: int) -> None:
+        for start in range(0, n, size):
+            chunk = [c[start : start + size] for c in codes]
+            raw = generator([x.expand(chunk[0].shape[0], -1, -1, -1) for x in inputs], chunk)[-1]
+            task.image(raw, inputs, config.model.levels - 1).cpu()
+
+    now = clock(device)
+
+    def rate(fn) -> float:
+        fn()  # warm-up
+        sync(device)
+        started = now()
+        fn()
+        sync(device)
+        return n / (now() - started)
+
+    rows = {}
+    with torch.no_grad():
+        rows["naive (weight norm every forward, NCHW, no_grad), batch 1"] = rate(lambda: render(1))
+    model = Model(generator, config, device)
+    rows["chimle.sample.Model.sample as it is (folds on every call), batch 1"] = rate(
+        lambda: model.sample(inputs[0][0].cpu(), n=n, seed=0))
+    with fixed_weights(generator, device):
+        rows["fixed_weights (folded, channels-last, inference mode), batch 1"] = rate(lambda: render(1))
+        rows[f"fixed_weights, batch {batch}"] = rate(lambda: render(batch))
+    return {"images_per_second": rows, "images": n, "output_px": TASKS["super-resolution"],
+            "peak_rss_gib": peak_rss_gib()}
+
+
+PHASE_FUNCTIONS = {"search": phase_search, "memory": phase_memory, "levers": phase_levers, "bf16": phase_bf16, "train": phase_train,
+                   "train_bf16": phase_train_bf16, "sample": phase_sample}
+
+
+# Plan, children, report ----------------------------------------------------------------------------------------
+
+
+def plan(args) -> list[dict]:
+    """Every measurement as a child-process spec."""
+    quick = args.quick
+    pools = [40, 40, 20, 10] if quick else [200, 200, 20, 10]
+    specs = []
+    if "search" in args.phases:
+        for i, task in enumerate(args.tasks):
+            counts = {NAIVE: sorted({1, args.naive_examples}), OURS: sorted({1, args.examples})}
+            if i == 0:  # the ladder, on the first task's single example
+                counts.update({mode: [1] for mode in (PREFIX, FOLDED, BATCHED)})
+            for mode in SEARCHES:
+                for n in counts.get(mode, []):
+                    specs.append({"phase": "search", "task": task, "mode": mode, "examples": n, "pools": pools})
+    if "memory" in args.phases:
+        specs.append({"phase": "memory", "task": args.tasks[0], "pools": pools})
+    if "levers" in args.phases:
+        specs.append({"phase": "levers", "batch": 16, "reps": 2 if quick else 3, "bf16_batch": 2,
+                      "compile": args.compile})
+    if "bf16" in args.phases:
+        specs.append({"phase": "bf16", "examples": args.bf16_examples, "pools": pools})
+    if "train" in args.phases:
+        for variant in TRAIN_LADDER:
+            specs.append({"phase": "train", "variant": variant, "warmup": 1, "steps": 2 if quick else 3})
+    if "bf16" in args.phases:
+        specs.append({"phase": "train_bf16", "warmup": 1, "steps": 2})
+    if "sample" in args.phases:
+        specs.append({"phase": "sample", "images": 8, "batch": 8})
+    for spec in specs:
+        spec.update(quick=quick, device=args.device, threads=args.threads, overrides=args.override)
+    return specs
+
+
+def run_child(spec: dict) -> dict:
+    """Run one measurement in a fresh process; its last stdout line is the result."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    load = common.load_average()
+    started = time.perf_counter()
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write("".join(line for line in done.stderr.splitlines(keepends=True)
+                             if not line.startswith("USDT:")))  # the profiler's start/stop lines
+    if done.returncode != 0:
+        raise SystemExit(f"the measurement {spec} failed (exit code {done.returncode})")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**spec, **result, "wall_seconds": time.perf_counter() - started, "load_average_before": load}
+
+
+def child(spec: dict) -> None:
+    OVERRIDES[:] = spec["overrides"]
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    warnings.filterwarnings("ignore", message=".*[Aa]nomaly.*")
+    device = torch.device(spec["device"])
+    result = PHASE_FUNCTIONS[spec["phase"]](spec, device)
+    result["clock"] = "process CPU time" if clock(device) is time.process_time else "wall time"
+    print(json.dumps(result))
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], stdout=subprocess.PIPE, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+# Markdown ------------------------------------------------------------------------------------------------------
+
+STAGES = ["prefix", "candidates", "candidate_features", "target_features", "distance", "argmin", "draw_codes",
+          "repeat_prefix"]
+
+
+def _find(results: list[dict], **match) -> dict | None:
+    return next((r for r in results if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def render(report: dict) -> str:
+    results = report["results"]
+    searches = [r for r in results if r["phase"] == "search"]
+    out = [f"# Speed: search, training step, sampling ({'quick run' if report['quick'] else 'full run'})\n",
+           f"`{report['command']}` on {report['device']}; {report['machine']['cpus']} CPUs, torch "
+           f"{report['machine']['torch']} with {report['machine']['torch_threads']} threads; "
+           f"{report['total_minutes']:.0f} min in all.  ",
+           f"Load before: `{report['uptime_before']}`; after: `{report['uptime_after']}`.  ",
+           f"Clock: {', '.join(sorted({r.get('clock', 'wall time') for r in results}))} (with one torch thread, the "
+           "process's CPU time: other work on a shared machine cannot inflate it; on an idle one it equals wall "
+           "time).  ",
+           f"Generator: {report['model']['parameters'] / 1e6:.1f} M parameters (paper widths"
+           f"{', 1 RRDB per level' if report['quick'] else ''}); LPIPS-VGG.  "]
+    if not report["gpu_measured"]:
+        out.append("GPU numbers were not measured here (no GPU); `--device cuda` runs the same measurements on one.")
+    out.append("")
+    targets = []
+
+    # Search: naive vs ours.
+    rows = []
+    for task in dict.fromkeys(r["task"] for r in searches):
+        for n in sorted({r["examples"] for r in searches if r["task"] == task and r["mode"] in (NAIVE, OURS)}):
+            a, b = _find(searches, task=task, mode=NAIVE, examples=n), _find(searches, task=task, mode=OURS, examples=n)
+            if a is None or b is None:
+                continue
+            ratio = a["seconds_per_example"] / b["seconds_per_example"]
+            same = sum(x == y for x, y in zip(a["winners"], b["winners"]))
+            rows.append([task, n, f"{a['seconds_per_example']:.1f}", f"{b['seconds_per_example']:.1f}", f"**{ratio:.2f}x**",
+                         f"{a['generator_gmac_per_example']:.0f} / {b['generator_gmac_per_example']:.0f}",
+                         f"{a['peak_rss_gib']:.2f} / {b['peak_rss_gib']:.2f}", f"{same}/{n}"])
+            targets.append((f"search {task}, {n} example(s): >= 3x faster than naive", f"{ratio:.2f}x", ratio >= 3))
+            targets.append((f"search {task}, {n} example(s): peak RSS <= 3 GiB", f"{b['peak_rss_gib']:.2f} GiB",
+                            b["peak_rss_gib"] <= 3))
+    if rows:
+        pools = searches[0]["pools"]
+        out += [f"## Code search, pools {pools}: seconds per example\n",
+                _table(["task", "examples", "naive s/ex", "ours s/ex", "speed-up", "generator GMAC/ex naive / ours",
+                        "peak RSS GiB naive / ours", "same codes"], rows),
+                "Naive: `chimle.naive.naive_search`, the official sampler's work (levels below l re-rendered for each "
+                "mini-batch of 20 candidates, target features per mini-batch, weight norm in every forward, NCHW, "
+                "no_grad). Ours: `chimle.search.hierarchical_search` with its defaults. Peak RSS: ru_maxrss of the "
+                "measurement's own process (model, LPIPS, profiler, search).\n"]
+
+    # The ladder.
+    first = searches[0]["task"] if searches else None
+    ladder = [_find(searches, task=first, mode=mode, examples=1) for mode in SEARCHES]
+    if all(ladder):
+        base = ladder[0]["seconds_per_example"]
+        rows = [[r["mode"], f"{r['seconds_per_example']:.1f}", f"{base / r['seconds_per_example']:.2f}x",
+                 f"{(ladder[i - 1]['seconds_per_example'] if i else base) / r['seconds_per_example']:.2f}x",
+                 f"{r['generator_gmac_per_example']:.0f}",
+                 f"{r['generator_gmac_per_example'] / r['seconds_per_example']:.0f}",
+                 f"{r['peak_rss_gib']:.2f}"] for i, r in enumerate(ladder)]
+        out += [f"## Search levers one at a time ({first}, 1 example)\n",
+                _table(["search", "s/example", "vs naive", "this lever", "generator GMAC", "GMAC/s overall",
+                        "peak RSS GiB"], rows)]
+
+    # Where the time goes.
+    picks = [(f"naive, {n}", _find(searches, task=first, mode=NAIVE, examples=n)) for n in (1,)] + \
+            [(f"ours, {n}", _find(searches, task=first, mode=OURS, examples=n))
+             for n in sorted({r["examples"] for r in searches if r["task"] == first and r["mode"] == OURS})]
+    picks = [(k, r) for k, r in picks if r]
+    if picks:
+        rows = []
+        for stage in STAGES + ["other"]:
+            cells = []
+            for _, r in picks:
+                wall = r["wall_seconds_search"]  # the profiler's clock; its shares are carried over to `seconds`
+                value = wall - sum(r["stages"].values()) if stage == "other" else r["stages"].get(stage, 0.0)
+                cells.append(f"{value / wall * r['seconds_per_example']:.2f} ({100 * value / wall:.0f}%)")
+            rows.append([stage, *cells])
+        rows.append(["total", *[f"{r['seconds_per_example']:.2f}" for _, r in picks]])
+        out += [f"## Where the search's time goes ({first}; seconds per example, share)\n",
+                _table(["stage", *[f"{k} example(s)" for k, _ in picks]], rows),
+                "Stages are the `record_function` ranges of chimle.search / chimle.naive; torch.profiler gives "
+                "their shares, applied to the measured total. prefix = rendering the chosen codes of lower levels "
+                "(naive: again for every mini-batch of 20); candidates = rendering the level being searched; "
+                "features = LPIPS-VGG; other = folding weight norm, changing the weights' layout, bookkeeping.\n"]
+        ops = {k: r["operators"] for k, r in picks[:2]}
+        names = list(dict.fromkeys(n for o in ops.values() for n in list(o)[:6]))
+        out += ["Top operators (share of the profiled time):\n",
+                _table(["operator", *ops], [[n, *[f"{100 * o.get(n, 0) / r['wall_seconds_search']:.1f}%" for (_, r), o
+                                                  in zip(picks, ops.values())]] for n in names])]
+
+    memory = _find(results, phase="memory")
+    if memory:
+        out.append(f"Peak memory of the search at its largest (a full group of {memory['examples']} examples, "
+                   f"{memory['max_batch']} renders at once; phase `memory`, no profiler): "
+                   f"**{memory['peak_rss_gib']:.2f} GiB** resident, {memory['rss_before_gib']:.2f} GiB of it before "
+                   "the search (Python, PyTorch, the generator, LPIPS).\n")
+        targets.append((f"search {memory['task']}, a full group of {memory['examples']} examples: peak RSS <= 3 GiB",
+                        f"{memory['peak_rss_gib']:.2f} GiB", memory["peak_rss_gib"] <= 3))
+
+    # Levers on one render.
+    levers = _find(results, phase="levers")
+    if levers:
+        rows = []
+        plain = next(iter(levers["ms_per_candidate"].values()))
+        for name, ms in levers["ms_per_candidate"].items():
+            rows.append([name, f"{ms:.0f}", f"{plain / ms:.2f}x"])
+        bf = levers["bf16"]
+        rows.append([f"bfloat16 autocast (batch {bf['batch']}; float32 at that batch: {bf['fp32_ms_per_candidate']:.0f})",
+                     f"{bf['bf16_ms_per_candidate']:.0f}", f"{bf['fp32_ms_per_candidate'] / bf['bf16_ms_per_candidate']:.2f}x vs fp32"])
+        out += [f"## Each lever on one render (level {levers['level'] + 1} of {levers['batch']} candidates + LPIPS; "
+                "ms per candidate)\n", _table(["lever", "ms/candidate", "vs plain"], rows)]
+        if "compile_seconds" in levers:
+            out.append(f"torch.compile took {levers['compile_seconds']:.0f} s to compile this one level and batch size.\n")
+        out.append(f"Native bf16 arithmetic on this device: {'yes' if levers['native_bf16'] else 'no'}.\n")
+
+    # bf16 agreement.
+    bf = _find(results, phase="bf16")
+    if bf:
+        widths = f"channels {bf['widths']['channels']}, growth {bf['widths']['growth']}"
+        out += ["## bfloat16 search: same codes as float32?\n",
+                f"{bf['examples_with_identical_codes']}/{bf['examples']} examples get identical codes at every level "
+                f"({100 * bf['fraction_identical']:.0f}%); agreement per level "
+                f"{', '.join(f'{100 * a:.0f}%' for a in bf['per_level_agreement'])}. Pools {bf['pools']}; "
+                f"{'a 1/8-width model (' + widths + '), as this CPU has no bf16 arithmetic' if bf['narrow_model'] else widths}. "
+                f"Search time float32 {bf['seconds']['float32']:.0f} s, bfloat16 {bf['seconds']['bfloat16']:.0f} s.\n"]
+        targets.append(("bf16 search chooses the float32 codes on >= 95% of examples",
+                        f"{100 * bf['fraction_identical']:.0f}%", bf["fraction_identical"] >= 0.95))
+
+    # Training step.
+    trains = [r for r in results if r["phase"] == "train"]
+    if trains:
+        base = trains[0]["seconds_per_step"]
+        rows = [[r["variant"], f"{r['seconds_per_step']:.2f}", f"{base / r['seconds_per_step']:.2f}x",
+                 *[f"{r['breakdown'][k]:.2f}" for k in ("forward", "backward", "optimizer")],
+                 f"{r['peak_rss_gib']:.2f}"] for r in trains]
+        out += [f"## Training step (super-resolution, batch 1, float32; best of {trains[0]['steps']} steps)\n",
+                _table(["variant", "s/step", "vs naive", "forward", "backward", "Adam", "peak RSS GiB"], rows),
+                "Naive: `chimle.naive.naive_step`, anomaly detection on (its forward column holds forward and "
+                "backward). The levers accumulate down the table.\n"]
+        best = min(trains[1:], key=lambda r: r["seconds_per_step"], default=None)
+        if best:
+            targets.append(("training step fp32 >= 1.3x faster than naive",
+                            f"{base / best['seconds_per_step']:.2f}x ({best['variant']})",
+                            base / best["seconds_per_step"] >= 1.3))
+    bf = _find(results, phase="train_bf16")
+    if bf:
+        e, steps = bf["effect"], bf["steps"]
+        model = (f"a 1/8-width model ({bf['parameters'] / 1e6:.1f} M parameters), as this device has no bf16 "
+                 "arithmetic" if bf["narrow_model"] else f"{bf['parameters'] / 1e6:.1f} M parameters")
+        out += ["## Training step under bf16 autocast\n",
+                f"On {model}: float32 {steps['float32']['seconds_per_step']:.2f} s/step, bf16 autocast "
+                f"{steps['bfloat16']['seconds_per_step']:.2f} s/step "
+                f"({steps['float32']['seconds_per_step'] / steps['bfloat16']['seconds_per_step']:.2f}x). "
+                f"Effect on the loss, same weights and batch: per-level losses float32 "
+                f"{', '.join(f'{v:.4f}' for v in e['loss_fp32'])}, bf16 {', '.join(f'{v:.4f}' for v in e['loss_bf16'])} "
+                f"(largest relative difference {100 * e['max_relative_loss_difference']:.2f}%); cosine between the "
+                f"float32 and bf16 gradients {e['gradient_cosine']:.4f}.\n"]
+
+    # Sampling.
+    sample = _find(results, phase="sample")
+    if sample:
+        out += [f"## Sampling ({sample['images']} outputs of {sample['output_px']} px, super-resolution)\n",
+                _table(["how", "images/s"], [[k, f"{v:.2f}"] for k, v in sample["images_per_second"].items()])]
+        targets.append(("sampling reported as images per second",
+                        f"{max(sample['images_per_second'].values()):.2f} images/s", True))
+
+    if targets:
+        out += ["## Targets\n", _table(["target", "measured", "met"],
+                                       [[t, m, "yes" if ok else "**no**"] for t, m, ok in targets])]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 RRDB per level, pools 40/40/20/10, 2 examples")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    parser.add_argument("--examples", type=int, default=None, help="examples of the batched search (default 8; quick 2)")
+    parser.add_argument("--naive-examples", type=int, default=None, help="examples of the naive search (default: --examples; quick 1)")
+    parser.add_argument("--bf16-examples", type=int, default=None, help="examples of the bf16 agreement check (default 8; quick 3)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
+    parser.add_argument("--skip", default="", help=f"comma-separated phases to skip, of {', '.join(PHASES)}")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile lever")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in each measurement (default: torch's)")
+    parser.add_argument("--override", "-o", action="append", default=[],
+                        help="config override for every model, e.g. -o model.blocks=2 (repeatable)")
+    parser.add_argument("--out", type=Path, default=common.RESULTS, help="folder of speed.json and speed.md")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the measurements of an interrupted run (OUT/speed.partial.json) and do the rest")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(json.loads(args.child))
+
+    args.examples = args.examples or (2 if args.quick else 8)
+    args.naive_examples = args.naive_examples or (1 if args.quick else args.examples)
+    args.bf16_examples = args.bf16_examples or (3 if args.quick else 8)
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    args.phases = [p for p in PHASES if p not in args.skip.split(",")]
+    unknown = [t for t in args.tasks if t not in TASKS] + [p for p in args.skip.split(",") if p and p not in PHASES]
+    if unknown:
+        raise SystemExit(f"unknown task or phase: {', '.join(unknown)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this PyTorch sees no CUDA device")
+
+    specs = plan(args)
+    report = {"command": common.command_line(), "machine": common.machine(), "uptime_before": uptime(),
+              "device": args.device, "quick": args.quick, "gpu_measured": args.device.startswith("cuda"),
+              "results": []}
+    OVERRIDES[:] = args.override
+    report["model"] = {"parameters": count_parameters(Generator(make_config("super-resolution", args.quick).model)),
+                       "overrides": args.override}
+    partial = args.out / "speed.partial.json"
+    done = json.loads(partial.read_text())["results"] if args.resume and partial.is_file() else []
+    started = time.perf_counter()
+    for i, spec in enumerate(specs, 1):
+        label = " ".join(str(spec.get(k)) for k in ("phase", "task", "mode", "variant", "examples") if spec.get(k))
+        kept = next((r for r in done if all(r.get(k) == v for k, v in spec.items())), None)
+        if kept is not None:
+            print(f"[{i}/{len(specs)}] {label}: kept from {partial}", file=sys.stderr)
+            report["results"].append(kept)
+            continue
+        print(f"[{i}/{len(specs)}] {label} ...", file=sys.stderr, flush=True)
+        result = run_child(spec)
+        report["results"].append(result)
+        print(f"    {result['wall_seconds']:.0f} s, peak RSS {result['peak_rss_gib']:.2f} GiB", file=sys.stderr)
+        args.out.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(report, indent=2) + "\n")  # survives a crash; see --resume
+    report["total_minutes"] = (time.perf_counter() - started) / 60
+    report["uptime_after"] = uptime()
+    markdown = render(report)
+    md, js = common.write("speed", markdown, report, args.out)
+    partial.unlink(missing_ok=True)
+    print(markdown)
+    print(f"wrote {md} and {js}")
+
+
+if __name__ == "__main__":
+    main()
