@@ -1,0 +1,344 @@
+"""Mode coverage with known modes: does IMLE give every valid output of an input, where regression gives one?
+
+    OMP_NUM_THREADS=1 python benchmarks/modes.py --quick      # a few minutes: one seed, short training
+    OMP_NUM_THREADS=1 python benchmarks/modes.py              # the committed report: 3 seeds (2-core CPU)
+
+A generated conditional data set with K valid outputs per input: the input is a grey texture, its valid outputs
+are that texture tinted with each of K palette colours, and each training pair shows one of them, chosen at
+random (so no input is ever seen with two colours). Three methods train the same generator with the same loss
+and schedule through the `paired` task:
+
+    hierarchical   CHIMLE: codes searched level by level (search.samples_per_level)
+    flat           cIMLE: one pool of full codes, as many candidate renders as the hierarchical search
+    regression     the same network with every code fixed at zero (search.zero_codes), the same loss
+
+On held-out textures each method draws n samples (regression: its one output, every code zero). Each sample is
+assigned to its nearest valid output (RMS difference of RGB in [0, 1]) and scored:
+
+    coverage    modes hit per input / K: a mode is hit by a sample that lies within the threshold of it
+    precision   fraction of samples within the threshold of some valid output
+    structure   correlation between the sample's luminance and the input texture (1: the texture is kept)
+
+The threshold is fixed in advance, per input, at THRESHOLD_FRACTION of the smallest distance between two of its
+valid outputs, so a sample within it is unambiguously nearer one mode than any other. Writes
+benchmarks/results/modes.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from chimle.data import save_image, seeded  # noqa: E402
+from chimle.sample import Model, image_grid  # noqa: E402
+from chimle.train import train  # noqa: E402
+
+# Palette of the K valid tints (RGB in [0, 1]): red, green, blue, yellow.
+PALETTE = torch.tensor([[0.95, 0.25, 0.20], [0.25, 0.85, 0.30], [0.25, 0.40, 0.95], [0.95, 0.85, 0.20]])
+THRESHOLD_FRACTION = 1 / 3  # precision threshold, as a fraction of an input's smallest distance between two modes
+SIZE = 32  # texture side, px (also the training crop)
+LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601 luminance weights
+
+# The generator and schedule shared by all methods (on top of the `small` preset's `paired` task settings).
+MODEL = ["model.levels=3", "model.channels=[16,16,16]", "model.growth=[8,8,8]", "model.blocks=1",
+         "model.noise_channels=2", "model.code_dim=16", "model.style_dim=32", "model.mapping_layers=2"]
+SCHEDULE = [f"data.crop={SIZE}", "train.round_size=16", "train.steps_per_round=30", "train.batch_size=4",
+            "train.lr=0.002", "train.perceptual=alex", "train.pixel_weight=1.0"]
+POOLS = [8, 4, 4]  # hierarchical candidates per level; flat cIMLE gets their sum (16) full-code candidates
+METHODS = {
+    "hierarchical": [f"search.samples_per_level={POOLS}"],
+    "flat": [f"search.samples_per_level={POOLS}", "search.flat=true", f"search.flat_samples={sum(POOLS)}"],
+    "regression": [f"search.samples_per_level={POOLS}", "search.zero_codes=true"],
+}
+SIZES = {  # (training textures, rounds, held-out inputs, samples per input, seeds)
+    "default": dict(train_images=96, rounds=16, inputs=16, samples=12, seeds=[0, 1, 2]),
+    "quick": dict(train_images=32, rounds=3, inputs=6, samples=8, seeds=[0]),
+}
+
+
+# The data ------------------------------------------------------------------------------------------------
+
+
+def texture(seed: int, index: int, size: int = SIZE) -> torch.Tensor:
+    """A grey texture (3, size, size) in [0.3, 1]: random oriented gratings over smooth noise."""
+    g = seeded(seed, 11, index)
+    y, x = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    field = F.interpolate(torch.randn(1, 1, 4, 4, generator=g), size=(size, size), mode="bicubic",
+                          align_corners=False)[0, 0]
+    for _ in range(2):
+        angle, period, phase = torch.rand(3, generator=g).tolist()
+        freq = 2 * math.pi / (4 + 8 * period)
+        field = field + torch.sin(freq * (x * math.cos(math.pi * angle) + y * math.sin(math.pi * angle)) + 6.28 * phase)
+    field = (field - field.min()) / (field.max() - field.min()).clamp_min(1e-6)
+    return (0.3 + 0.7 * field).expand(3, -1, -1).contiguous()
+
+
+def tint(grey: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+    """The grey texture (3, H, W) tinted with an RGB colour (3,): multiplied channel by channel."""
+    return grey * colour.view(3, 1, 1)
+
+
+def modes_of(grey: torch.Tensor, palette: torch.Tensor = PALETTE) -> torch.Tensor:
+    """All K valid outputs (K, 3, H, W) of one input."""
+    return torch.stack([tint(grey, c) for c in palette])
+
+
+def write_training_pairs(folder: Path, count: int, seed: int) -> tuple[Path, Path]:
+    """`count` pairs, each texture with ONE colour drawn at random: targets/ and inputs/ matched by stem."""
+    g = seeded(seed, 12)
+    for i in range(count):
+        grey = texture(seed, i)
+        k = int(torch.randint(0, len(PALETTE), (1,), generator=g))
+        save_image(grey, folder / "inputs" / f"{i:04d}.png")
+        save_image(tint(grey, PALETTE[k]), folder / "targets" / f"{i:04d}.png")
+    return folder / "targets", folder / "inputs"
+
+
+def heldout(count: int) -> list[torch.Tensor]:
+    """Held-out input textures (never trained on: their own seed), quantised as files would be."""
+    return [texture(10_000, i).mul(255).round().div(255) for i in range(count)]
+
+
+# The metrics ---------------------------------------------------------------------------------------------
+
+
+def rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """RMS difference between every image of a (N, ...) and every image of b (K, ...): (N, K)."""
+    return torch.cdist(a.flatten(1).double(), b.flatten(1).double()).float() / math.sqrt(a[0].numel())
+
+
+def threshold(modes: torch.Tensor, fraction: float = THRESHOLD_FRACTION) -> float:
+    """An input's precision threshold: `fraction` of the smallest distance between two of its valid outputs."""
+    d = rms(modes, modes)
+    d.fill_diagonal_(float("inf"))
+    return fraction * float(d.min())
+
+
+def structure(samples: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
+    """(N,) Pearson correlation of each sample's luminance with the input texture."""
+    luma = (samples * LUMA.view(1, 3, 1, 1)).sum(1).flatten(1)
+    ref = grey[0].flatten()[None]
+    luma, ref = luma - luma.mean(1, keepdim=True), ref - ref.mean(1, keepdim=True)
+    return (luma * ref).sum(1) / (luma.norm(dim=1) * ref.norm(dim=1)).clamp_min(1e-12)
+
+
+def score_input(samples: torch.Tensor, modes: torch.Tensor, grey: torch.Tensor,
+                fraction: float = THRESHOLD_FRACTION) -> dict:
+    """Coverage, precision, nearest-mode distance and structure of n samples of one input with K valid outputs."""
+    d = rms(samples, modes)
+    nearest, mode = d.min(1)
+    tau = threshold(modes, fraction)
+    precise = nearest <= tau
+    hit = torch.zeros(len(modes), dtype=torch.bool)
+    hit[mode[precise]] = True
+    return {"coverage": float(hit.float().mean()), "precision": float(precise.float().mean()),
+            "nearest_distance": float(nearest.mean()), "structure": float(structure(samples, grey).mean()),
+            "threshold": tau, "assigned": torch.bincount(mode, minlength=len(modes)).tolist(),
+            "modes_hit": hit.int().tolist()}
+
+
+def ideal_coverage(k: int, n: int) -> float:
+    """Expected coverage of a perfect sampler drawing each of the k modes with probability 1/k, n times."""
+    return 1 - (1 - 1 / k) ** n
+
+
+# The benchmark -------------------------------------------------------------------------------------------
+
+
+def draw(model: Model, method: str, grey: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """n samples of one input; the regression baseline has one output (every code zero), repeated."""
+    if method == "regression":
+        return model.zero_codes(grey).expand(n, -1, -1, -1)
+    return model.sample(grey, n=n, seed=seed)
+
+
+def run(size: dict, work: Path) -> dict:
+    """Train and score every method for every seed; the per-seed records."""
+    records = []
+    for seed in size["seeds"]:
+        targets, inputs = write_training_pairs(work / f"data-{seed}", size["train_images"], seed)
+        for method, overrides in METHODS.items():
+            clock = common.Stopwatch()
+            cfg = common.config("paired", [*MODEL, *SCHEDULE, *overrides, f"train.rounds={size['rounds']}",
+                                           f"train.seed={seed}", f"data.path={targets}", f"data.inputs={inputs}"])
+            out = work / f"{method}-{seed}"
+            train(cfg, out)
+            train_seconds = clock.seconds
+            model = Model.load(out, "cpu")
+            scores, grids = [], []
+            for i, grey in enumerate(heldout(size["inputs"])):
+                samples = draw(model, method, grey, size["samples"], seed=1000 + seed)
+                scores.append(score_input(samples, modes_of(grey), grey[:1]))
+                if i < 3:
+                    grids.append([grey, *samples[:8]])
+            summary = {k: sum(s[k] for s in scores) / len(scores)
+                       for k in ("coverage", "precision", "nearest_distance", "structure")}
+            records.append({"seed": seed, "method": method, **summary, "train_seconds": train_seconds,
+                            "seconds": clock.seconds, "cpu_seconds": clock.cpu_seconds, "per_input": scores, "size": common.model_size(cfg)})
+            print(f"seed {seed} {method:12s} coverage {summary['coverage']:.3f} precision {summary['precision']:.3f} "
+                  f"structure {summary['structure']:.3f} ({clock.seconds:.0f} s)", flush=True)
+            if seed == size["seeds"][0]:
+                records[-1]["grid_rows"] = grids
+    return {"records": records}
+
+
+def plot(records: list[dict], size: dict, path: Path) -> None:
+    """Sample grids of the first seed (input | samples, per method) beside bars of coverage and precision."""
+    panels = []
+    example = heldout(1)[0]
+    modes = image_grid([[example, *modes_of(example)]], pad=2)
+    panels.append(common.titled(common.to_pil(modes).resize((modes.shape[-1] * 3, modes.shape[-2] * 3), 0),
+                                "a held-out input and its K valid outputs"))
+    for r in records:
+        if "grid_rows" in r:
+            grid = image_grid(r["grid_rows"], pad=2)
+            pil = common.to_pil(grid).resize((grid.shape[-1] * 3, grid.shape[-2] * 3), 0)
+            panels.append(common.titled(pil, f"{r['method']}: input | 8 samples (seed {r['seed']})"))
+    bars = []
+    for metric in ("coverage", "precision", "structure"):
+        group = [(m, *_mean_std(records, m, metric)) for m in METHODS]
+        bars.append(common.bar_panel(f"{metric} (mean ± std over {len(size['seeds'])} seed(s))",
+                                     [("", group)], size=(380, 260), lower_is_better=False))
+    sheet = common.stack([common.stack(panels, 1), common.stack(bars, 1)], 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def _mean_std(records: list[dict], method: str, metric: str) -> tuple[float, float]:
+    stats = common.spread([r[metric] for r in records if r["method"] == method])
+    return stats["mean"], stats["std"]
+
+
+def compare(table: dict, records: list[dict], better: str, worse: str, metric: str) -> str:
+    """Whether `better` has the higher mean of `metric`, whether the gap exceeds the seed spread, and in how many
+    seeds it is higher."""
+    a, b = table[better][metric], table[worse][metric]
+    gap, noise = a["mean"] - b["mean"], (a["std"] ** 2 + b["std"] ** 2) ** 0.5
+    value = {(r["method"], r["seed"]): r[metric] for r in records}
+    seeds = sorted({r["seed"] for r in records})
+    wins = sum(value[better, s] > value[worse, s] for s in seeds)
+    text = f"{a['mean']:.3f} vs {b['mean']:.3f}"
+    if len(seeds) < 2:
+        return f"{text}: {'higher' if gap > 0 else 'not higher'} (one seed: no spread to judge by)"
+    if abs(gap) <= noise:
+        return f"{text}: inconclusive (gap {abs(gap):.3f} within the seed spread {noise:.3f}; higher in {wins} of {len(seeds)} seeds)"
+    return (f"{text}: {'higher' if gap > 0 else 'LOWER'} (gap {abs(gap):.3f}, seed spread {noise:.3f}; higher in {wins} "
+            f"of {len(seeds)} seeds)")
+
+
+DISCUSSION = """## Reading these numbers
+
+- Regression with every code fixed gives one output per input, so its coverage is at most 1/K; trained with a
+  loss that pulls one output towards targets of all K colours, it settles between them (a blend, or the
+  colour that is cheapest under LPIPS + L1), which is also why its precision can be zero.
+- IMLE's promise is that every training target has a sample near it, so every colour the data shows for
+  similar inputs gets some region of the code space. Coverage measures that directly; precision measures
+  whether the samples are clean tints or in-between colours, which a small model trained for minutes produces
+  at the boundaries between code regions.
+- Hierarchical and flat search are given the same number of candidate renders. The colour is a global property,
+  decided at the coarsest level, where the hierarchical search spends its largest pool (8 of 16 renders) and
+  judges candidates by the coarse output alone; the flat search judges 16 full samples at the last level,
+  where colour and texture detail are mixed in one distance. With K = 4 modes and 32 px outputs both can in
+  principle find a candidate of the target's colour.
+- The spread between seeds is large: whether a small model trained for minutes splits its code space into all
+  K colours depends on its initial weights and the early rounds. Read the per-seed table before the means.
+- The threshold (a third of the distance between the two closest valid outputs) was fixed before any run and is
+  the same for all methods.
+"""
+
+
+def report(result: dict, size: dict, mode: str, run: dict) -> tuple[str, dict]:
+    records = result["records"]
+    k, n = len(PALETTE), size["samples"]
+    table = {m: {metric: common.spread([r[metric] for r in records if r["method"] == m])
+                 for metric in ("coverage", "precision", "nearest_distance", "structure", "seconds")}
+             for m in METHODS}
+    cfg_size = next(r["size"] for r in records)
+    lines = [
+        f"# Mode coverage with known modes{' (QUICK MODE: smoke-test size, not the committed result)' if mode == 'quick' else ''}",
+        "",
+        common.run_line(run), "",
+        f"Data: grey {SIZE}x{SIZE} textures (gratings over smooth noise); the valid outputs of an input are the texture "
+        f"tinted with each of K = {k} colours (red, green, blue, yellow); each of the {size['train_images']} training "
+        "pairs shows one colour, drawn at random. Held-out: "
+        f"{size['inputs']} new textures, {n} samples each (regression: its single output, every code zero).", "",
+        f"Methods: the same generator ({cfg_size['parameters']:,} parameters, {len(POOLS)} levels, "
+        f"{cfg_size['macs_per_forward'] / 1e6:.1f} M MACs per forward), loss (LPIPS-AlexNet + 1.0 x L1) and schedule "
+        f"({size['rounds']} rounds of 16 examples, 30 steps of batch 4 each); hierarchical pools {POOLS} "
+        f"({sum(POOLS)} renders per example), flat cIMLE {sum(POOLS)} full-code candidates, regression every code zero. "
+        f"Seeds (training data, weights, pools): {size['seeds']}; sampling seed 1000 + seed.", "",
+        "| method | coverage ↑ | precision ↑ | RMS to nearest mode ↓ | structure ↑ | time per run (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, t in table.items():
+        lines.append(f"| {m} | {common.pm(t['coverage'])} | {common.pm(t['precision'])} | "
+                     f"{common.pm(t['nearest_distance'])} | {common.pm(t['structure'])} | {t['seconds']['mean']:.0f} |")
+    lines += [
+        f"| ideal sampler (uniform over modes) | {ideal_coverage(k, n):.3f} | 1 | 0 | 1 | |",
+        f"| one exact mode per input (best regression can do) | {1 / k:.3f} | 1 | 0 | 1 | |", "",
+        "Mean ± standard deviation over seeds. Coverage: modes within the threshold of some sample, per input, / K. "
+        f"Precision: samples within the threshold of their nearest valid output. Threshold: {THRESHOLD_FRACTION:.3g} x "
+        "the smallest RMS distance between two valid outputs of the input (fixed before any run; about "
+        f"{sum(s['threshold'] for s in records[0]['per_input']) / len(records[0]['per_input']):.3f} in RGB [0, 1]). "
+        "Structure: Pearson correlation of the sample's luminance with the input texture.", "",
+        "![samples and scores](modes.png)", "",
+        "## The claims, as measured", "",
+        f"- IMLE covers the modes that regression cannot: coverage, hierarchical vs regression "
+        f"{compare(table, records, 'hierarchical', 'regression', 'coverage')}; flat vs regression "
+        f"{compare(table, records, 'flat', 'regression', 'coverage')}.",
+        f"- Hierarchical vs flat search at equal renders: coverage {compare(table, records, 'hierarchical', 'flat', 'coverage')}; "
+        f"precision {compare(table, records, 'hierarchical', 'flat', 'precision')}; structure "
+        f"{compare(table, records, 'hierarchical', 'flat', 'structure')}.", "",
+        DISCUSSION,
+        "## Per seed", "",
+        "| seed | method | coverage | precision | RMS to nearest mode | structure | samples per mode (first input) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(f"| {r['seed']} | {r['method']} | {r['coverage']:.3f} | {r['precision']:.3f} | "
+                     f"{r['nearest_distance']:.3f} | {r['structure']:.3f} | {r['per_input'][0]['assigned']} |")
+    data = {"benchmark": "modes", "mode": mode, **run, "size": size, "palette": PALETTE.tolist(),
+            "threshold_fraction": THRESHOLD_FRACTION, "overrides": {"preset": "small", "task": "paired",
+                                                                    "common": MODEL + SCHEDULE, "methods": METHODS},
+            "summary": table, "records": [{k: v for k, v in r.items() if k != "grid_rows"} for r in records]}
+    return "\n".join(lines) + "\n", data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few-minute smoke-test size (one seed)")
+    parser.add_argument("--out", type=Path, default=common.RESULTS, help="report folder (default: benchmarks/results)")
+    parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--rewrite", type=Path, metavar="JSON",
+                        help="only rewrite the Markdown report from a JSON report of an earlier run (no training)")
+    args = parser.parse_args()
+    if args.rewrite:
+        saved = common.read_run(args.rewrite)
+        markdown, _ = report({"records": saved["records"]}, saved["size"], saved["mode"],
+                             {k: saved[k] for k in common.RUN_KEYS})
+        (args.out / "modes.md").write_text(markdown)
+        print(f"wrote {args.out / 'modes.md'}")
+        return
+    mode = "quick" if args.quick else "default"
+    size, load_before, clock = SIZES[mode], common.load_average(), common.Stopwatch()
+    with tempfile.TemporaryDirectory(prefix="chimle-modes-") as scratch:
+        work = args.work or Path(scratch)
+        result = run(size, work)
+        plot(result["records"], size, args.out / "modes.png")
+    markdown, data = report(result, size, mode, common.run_record(clock, load_before))
+    md, js = common.write("modes", markdown, data, args.out)
+    print(markdown)
+    print(f"wrote {md}, {js} and {args.out / 'modes.png'}")
+
+
+if __name__ == "__main__":
+    main()

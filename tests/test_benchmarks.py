@@ -1,0 +1,120 @@
+"""The mode-coverage metrics of benchmarks/modes.py on hand-made samples whose answers are known."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import modes  # noqa: E402
+
+
+@pytest.fixture
+def grey():
+    return modes.texture(0, 0, size=16)
+
+
+def test_every_mode_once_is_full_coverage_and_precision(grey):
+    valid = modes.modes_of(grey)
+    score = modes.score_input(valid, valid, grey[:1])
+    assert score["coverage"] == 1.0 and score["precision"] == 1.0
+    assert score["assigned"] == [1, 1, 1, 1]
+    assert score["nearest_distance"] == pytest.approx(0.0, abs=1e-6)
+    assert score["structure"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_collapsed_samples_cover_one_mode(grey):
+    valid = modes.modes_of(grey)
+    samples = valid[2:3].expand(6, -1, -1, -1)
+    score = modes.score_input(samples, valid, grey[:1])
+    assert score["coverage"] == 0.25
+    assert score["precision"] == 1.0
+    assert score["assigned"] == [0, 0, 6, 0]
+    assert score["modes_hit"] == [0, 0, 1, 0]
+
+
+def test_a_blend_of_modes_is_assigned_but_not_precise(grey):
+    """The mean of all tints (what a regression to the mean gives) is nearest some mode, but within the
+    threshold of none: it counts for neither coverage nor precision."""
+    valid = modes.modes_of(grey)
+    blend = valid.mean(0, keepdim=True)
+    score = modes.score_input(torch.cat([blend, valid[0:1]]), valid, grey[:1])
+    assert score["precision"] == 0.5
+    assert score["coverage"] == 0.25
+    assert sum(score["assigned"]) == 2
+
+
+def test_threshold_separates_modes(grey):
+    valid = modes.modes_of(grey)
+    tau = modes.threshold(valid)
+    d = modes.rms(valid, valid)
+    off_diagonal = d[~torch.eye(len(valid), dtype=torch.bool)]
+    assert tau == pytest.approx(modes.THRESHOLD_FRACTION * float(off_diagonal.min()), rel=1e-5)
+    assert 2 * tau < float(off_diagonal.min())  # a sample within tau of a mode is nearer it than any other
+
+
+def test_slightly_off_samples_count_and_far_ones_do_not(grey):
+    valid = modes.modes_of(grey)
+    tau = modes.threshold(valid)
+    near = (valid[1] + 0.5 * tau).clamp(0, 1)  # uniform shift: RMS distance about tau / 2
+    far = (valid[3] + 3 * tau).clamp(0, 1)
+    score = modes.score_input(torch.stack([near, far]), valid, grey[:1])
+    assert score["modes_hit"] == [0, 1, 0, 0]
+    assert score["precision"] == 0.5
+
+
+def test_structure_falls_when_the_texture_is_lost(grey):
+    valid = modes.modes_of(grey)
+    flat = valid.mean((2, 3), keepdim=True).expand_as(valid) + 0.01 * torch.randn(valid.shape,
+                                                                                   generator=torch.Generator().manual_seed(0))
+    assert modes.structure(valid, grey[:1]).min() > 0.999
+    assert modes.structure(flat, grey[:1]).abs().max() < 0.5
+
+
+def test_ideal_coverage():
+    assert modes.ideal_coverage(4, 1) == pytest.approx(0.25)
+    assert modes.ideal_coverage(4, 12) == pytest.approx(1 - 0.75**12)
+
+
+def test_training_pairs_show_one_valid_tint_each(tmp_path):
+    targets, inputs = modes.write_training_pairs(tmp_path, 6, seed=3)
+    from chimle.data import load_image
+
+    for path in sorted(targets.iterdir()):
+        grey = load_image(inputs / path.name)
+        target = load_image(path)
+        d = modes.rms(target[None], modes.modes_of(grey))[0]
+        assert float(d.min()) < 0.01  # exactly one palette tint, up to 8-bit rounding
+        assert float(d.sort().values[1]) > 0.1
+
+
+def test_claim_verdicts_respect_the_seed_spread():
+    import common
+
+    def stats(values):
+        return {"fid": common.spread(values)}
+
+    values = {"good": [10.0, 11.0, 12.0], "bad": [20.0, 21.0, 22.0], "close": [10.5, 12.5, 9.0]}
+    summary = {name: stats(v) for name, v in values.items()}
+    records = [{"variant": name, "seed": seed, "fid": x} for name, v in values.items() for seed, x in enumerate(v)]
+    from ablations import verdict
+
+    assert "agrees" in verdict(summary, records, "good", "bad", "fid")
+    assert "3 of 3 seeds" in verdict(summary, records, "good", "bad", "fid")
+    assert "disagrees" in verdict(summary, records, "bad", "good", "fid")
+    assert "inconclusive" in verdict(summary, records, "good", "close", "fid")
+    assert "2 of 3 seeds" in verdict(summary, records, "good", "close", "fid")
+
+
+def test_mac_count_scales_with_pixels():
+    import common
+    from chimle.config import resolve
+
+    cfg = resolve(task="decompression", preset="tiny").model
+    small, large = common.macs(cfg, 16, per_level=True), common.macs(cfg, 32, per_level=True)
+    assert len(small) == cfg.levels and all(v > 0 for v in small)
+    # Convolutions dominate: four times the pixels, almost four times the work (linear layers do not grow).
+    assert 3.9 < sum(large) / sum(small) <= 4.0
