@@ -70,3 +70,23 @@ def test_bfloat16_search_finds_planted_candidates(lpips):
     assert bf16.distances.dtype == torch.float32
     # bf16 renders are not exact: the planted candidate's distance is small but, unlike float32, not zero.
     assert fp32.distances.abs().max() < 1e-5 < bf16.distances.abs().max() < 0.05
+
+
+def test_a_channels_last_tower_stays_channels_last():
+    """Every convolution of a channels-last render gets a channels-last input: none converts its input (a style
+    block's instance norm used to return NCHW, so every later convolution copied its input)."""
+    g, _, inputs, _ = setup(2)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+             for name, m in g.named_modules() if name.endswith("rdbs.2.convs.4") or name.endswith("style.conv")]
+    codes = [torch.randn(3, s) for s in g.code_sizes(g.start(inputs))]
+    with torch.no_grad():
+        plain = g(inputs, codes)
+        seen.clear()
+        with channels_last(g):
+            fast = g(inputs, codes)
+    for h in hooks:
+        h.remove()
+    assert seen and all(seen)
+    for a, b in zip(plain, fast):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

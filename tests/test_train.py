@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from chimle.checkpoint import CheckpointError, load_model
 from chimle.sample import Model
+from chimle.generator import Generator
 from chimle.train import train
 from conftest import tiny_config
 
@@ -89,3 +90,22 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     assert "resumed at step" in (killed / "log.txt").read_text()
     generator, _ = load_model(killed)
     assert generator is not None
+
+
+def test_adam_implementations_give_the_same_step():
+    """make_optimizer's fused Adam (the default) updates the weights as the for-loop one does, up to rounding."""
+    from chimle.train import ADAM, make_optimizer
+
+    cfg = tiny_config("super-resolution")
+    after = {}
+    for kind in ADAM:
+        torch.manual_seed(0)
+        g = Generator(cfg.model)
+        opt = make_optimizer(cfg, g, kind)
+        for _ in range(2):
+            opt.zero_grad()
+            sum((p * torch.sin(torch.arange(p.numel()).view_as(p).float())).sum() for p in g.parameters()).backward()
+            opt.step()
+        after[kind] = torch.cat([p.detach().flatten() for p in g.parameters()])
+    torch.testing.assert_close(after["fused"], after["for-loop"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(after["foreach"], after["for-loop"], atol=1e-6, rtol=1e-5)

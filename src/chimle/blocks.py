@@ -100,8 +100,18 @@ class StyleBlock(nn.Module):
         h = x
         for rrdb, affine in zip(self.rrdbs, self.affine):
             gamma, beta = affine(style)[:, :, None, None].chunk(2, dim=1)
-            h = (1 + gamma) * F.instance_norm(rrdb(h)) + beta
+            h = (1 + gamma) * _instance_norm(rrdb(h)) + beta
         return self.conv(h) + x
+
+
+def _instance_norm(x: torch.Tensor) -> torch.Tensor:
+    """F.instance_norm (no affine), in the memory layout of `x`: PyTorch returns the default layout, which would
+    turn a channels-last tower (chimle.search.channels_last) back to NCHW after the first style block and make
+    every later convolution and concatenation convert its input."""
+    y = F.instance_norm(x)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y
 
 
 class Upsample(nn.Module):
