@@ -33,6 +33,8 @@ def test_dotted_overrides_are_typed():
         ("data.crop=30", "multiple of 2\\*\\*levels"),
         ("train.perceptual=squeeze", "'vgg' or 'alex'"),
         ("train.pixel_weight=-1", "pixel_weight=-1.0 must be >= 0"),
+        ("search.precision=float16", "'float32' or 'bfloat16'"),
+        ("search.rescore=-1", "search.rescore=-1 must be >= 0"),
         ("train", "must look like section.field=value"),
         ("model=3", "is a section"),
     ],

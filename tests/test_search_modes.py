@@ -65,11 +65,27 @@ def test_bfloat16_search_finds_planted_candidates(lpips):
     with torch.no_grad():
         targets = [task.image(r, inputs, level) for level, r in enumerate(g(inputs, codes))]
     fp32 = hierarchical_search(g, lpips, task, inputs, targets, seeds, [8, 8], max_batch=8)
-    bf16 = hierarchical_search(g, lpips, task, inputs, targets, seeds, [8, 8], max_batch=8, dtype=torch.bfloat16)
+    bf16 = hierarchical_search(g, lpips, task, inputs, targets, seeds, [8, 8], max_batch=8, dtype=torch.bfloat16,
+                               rescore=0)
     assert fp32.winners.tolist() == planted == bf16.winners.tolist()
     assert bf16.distances.dtype == torch.float32
     # bf16 renders are not exact: the planted candidate's distance is small but, unlike float32, not zero.
     assert fp32.distances.abs().max() < 1e-5 < bf16.distances.abs().max() < 0.05
+    # Rescored, the winners' distances are the float32 ones.
+    rescored = hierarchical_search(g, lpips, task, inputs, targets, seeds, [8, 8], max_batch=5, dtype=torch.bfloat16)
+    assert rescored.winners.tolist() == planted and rescored.distances.abs().max() < 1e-5
+
+
+def test_bfloat16_search_rescoring_every_candidate_is_the_float32_search(lpips):
+    """With every candidate re-judged in float32 (and float32 prefixes), a bf16 search chooses exactly what the
+    float32 search chooses, at every level, with the same distances."""
+    g, task, inputs, targets = setup(7)
+    seeds = torch.tensor([21, 22, 23])
+    fp32 = hierarchical_search(g, lpips, task, inputs, targets, seeds, [8, 6], max_batch=7)
+    bf16 = hierarchical_search(g, lpips, task, inputs, targets, seeds, [8, 6], max_batch=7, dtype=torch.bfloat16,
+                               rescore=8)
+    assert bf16.winners.tolist() == fp32.winners.tolist()
+    torch.testing.assert_close(bf16.distances, fp32.distances, atol=1e-6, rtol=1e-5)
 
 
 def test_a_channels_last_tower_stays_channels_last():

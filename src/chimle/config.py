@@ -66,6 +66,8 @@ class SearchConfig:
     flat: bool = False  # flat cIMLE instead: one pool of full codes judged at the last level only
     flat_samples: int = 0  # pool size of the flat search; 0 = the hierarchical pools' total render count
     max_batch: int = 64  # most candidate renders run at once (the memory budget of the search)
+    precision: str = "float32"  # candidate renders: float32 | bfloat16 (autocast; pays on GPUs and bf16 CPUs)
+    rescore: int = 4  # with bfloat16: each example's nearest candidates re-judged in float32 at every level
     zero_codes: bool = False  # regression baseline: no search, every code zero (same network, same loss)
 
 
@@ -266,6 +268,10 @@ def validate(config: Config) -> None:
         problems.append(f"search.samples_per_level={s.samples_per_level} needs one positive value per level ({m.levels})")
     if s.flat_samples < 0 or s.max_batch < 1:
         problems.append("search.flat_samples must be >= 0 and search.max_batch >= 1")
+    if s.precision not in ("float32", "bfloat16"):
+        problems.append(f"search.precision={s.precision!r} must be 'float32' or 'bfloat16'")
+    if s.rescore < 0:
+        problems.append(f"search.rescore={s.rescore} must be >= 0")
     if t.rounds < 0:
         problems.append(f"train.rounds={t.rounds} must be >= 0")
     for name in ("round_size", "steps_per_round", "passes", "batch_size", "checkpoint_every", "keep_checkpoints",

@@ -149,6 +149,7 @@ def hierarchical_search(
     max_batch: int = 64,
     dtype: torch.dtype | None = None,
     layout: bool = True,
+    rescore: int = 4,
 ) -> SearchResult:
     """Choose each example's code level by level (see module docstring); the result does not depend on max_batch.
 
@@ -156,12 +157,16 @@ def hierarchical_search(
     memory of about `max_batch` renders, while a group's candidates still fill batches of `max_batch`. Only
     the level being searched has its weight normalisation folded: folding all levels at once would hold a
     second copy of every convolution weight (0.8 GB at the paper's widths) where one level's is enough.
-    `dtype` (e.g. torch.bfloat16) renders under autocast; distances are compared in float32 either way.
+    `dtype` (e.g. torch.bfloat16) renders the candidates under autocast, and then renders each example's
+    `rescore` nearest candidates again in float32 and keeps the nearest of those by the float32 distance; the
+    prefixes (the chosen codes' renders) are float32 too. Whenever the float32 search's winner is among the
+    low-precision top `rescore`, the choice is exactly the float32 one (benchmarks/speed.py measures how often).
     `layout=False` keeps the weights' layout (see `channels_last`)."""
     group = max(1, max_batch // min(pool_sizes))
+    rescore = rescore if dtype is not None else 0
     with fixed_weights(generator, inputs[0].device, dtype, layout, fold=False):
         result = _in_groups(group, inputs, targets, seeds, lambda x, y, s: _hierarchical_group(
-            generator, distance, task, x, y, s, pool_sizes, max_batch))
+            generator, distance, task, x, y, s, pool_sizes, max_batch, rescore))
     return _plain(result)
 
 
@@ -182,7 +187,8 @@ def _in_groups(group: int, inputs, targets, seeds, search) -> SearchResult:
     )
 
 
-def _hierarchical_group(generator, distance, task, inputs, targets, seeds, pool_sizes, max_batch) -> SearchResult:
+def _hierarchical_group(generator, distance, task, inputs, targets, seeds, pool_sizes, max_batch,
+                        rescore) -> SearchResult:
     count = inputs[0].shape[0]
     winners = torch.zeros(count, len(pool_sizes), dtype=torch.long)
     distances = torch.zeros(count, len(pool_sizes))
@@ -190,39 +196,62 @@ def _hierarchical_group(generator, distance, task, inputs, targets, seeds, pool_
     for level, size in enumerate(pool_sizes):
         with folded(generator.levels[level]):
             prefix = _search_level(generator, distance, task, targets, seeds, prefix, size, max_batch, winners,
-                                   distances)
+                                   distances, rescore)
     return SearchResult(seeds.clone(), winners, list(pool_sizes), distances)
 
 
-def _search_level(generator, distance, task, targets, seeds, prefix, size, max_batch, winners, distances) -> Prefix:
+def _search_level(generator, distance, task, targets, seeds, prefix, size, max_batch, winners, distances,
+                  rescore) -> Prefix:
     """Choose every example's code at `prefix.level` (into `winners`, `distances`); return the next prefix."""
     device, level, count = targets[0].device, prefix.level, prefix.batch
     code_size = generator.code_sizes(prefix)[level]
     with record_function("search.target_features"):
         target_features = _features(distance, targets[level])  # once per example and level
     pools = _Pools(seeds, level, size, code_size)
-    best = torch.full((count,), float("inf"))
-    chosen = torch.empty(count, code_size)
+    scores = torch.empty(count, size)
     for run in _chunks(count, size, max_batch):
         with record_function("search.draw_codes"):
-            rows = [pools.rows(ex, start, end) for ex, start, end in run]
-            codes = torch.cat(rows).to(device)
-        scores = _score(generator, distance, task, _candidates_prefix(prefix, run, device), codes,
-                        target_features, run)
-        with record_function("search.argmin"):
-            offset = 0
-            for (ex, start, end), candidates in zip(run, rows):
-                segment = scores[offset : offset + end - start]
-                offset += end - start
-                j = int(segment.argmin())
-                if segment[j] < best[ex]:  # strict: the first of equal candidates wins, as argmin would
-                    best[ex], winners[ex, level], chosen[ex] = segment[j], start + j, candidates[j]
-    if not torch.isfinite(best).all():
+            codes = torch.cat([pools.rows(ex, start, end) for ex, start, end in run]).to(device)
+        run_scores = _score(generator, distance, task, _candidates_prefix(prefix, run, device), codes,
+                            target_features, run)
+        offset = 0
+        for ex, start, end in run:
+            scores[ex, start:end] = run_scores[offset : offset + end - start]
+            offset += end - start
+    if not torch.isfinite(scores).all():
         raise FloatingPointError(f"code search: non-finite LPIPS distances at level {level}; the model has diverged")
-    distances[:, level] = best
-    with record_function("search.prefix"):
-        _, prefix = generator.render_level(prefix, chosen.to(device))
+    with torch.autocast(device.type, enabled=False):  # below, float32 whatever the candidates were rendered in
+        if rescore > 0:
+            scores = _rescore(generator, distance, task, targets, seeds, prefix, scores, rescore, max_batch)
+        best = scores.argmin(dim=1)  # the first of equal candidates wins
+        winners[:, level], distances[:, level] = best, scores.gather(1, best[:, None]).squeeze(1)
+        chosen = torch.stack([pool(int(seeds[ex]), level, size, code_size)[int(best[ex])] for ex in range(count)])
+        with record_function("search.prefix"):
+            _, prefix = generator.render_level(prefix, chosen.to(device))
     return prefix
+
+
+def _rescore(generator, distance, task, targets, seeds, prefix, scores, k, max_batch) -> torch.Tensor:
+    """`scores` (count, pool size) with each example's k lowest replaced by their float32 distances and every
+    other candidate set to +inf, so that the float32 distances alone decide."""
+    device, level = targets[0].device, prefix.level
+    count, size = scores.shape
+    k = min(k, size)
+    code_size = generator.code_sizes(prefix)[level]
+    top = scores.topk(k, dim=1, largest=False).indices.sort(dim=1).values  # pool order: ties keep argmin's rule
+    exact = torch.full_like(scores, float("inf"))
+    with record_function("search.rescore"):
+        target_features = _features(distance, targets[level])
+        per_batch = max(1, max_batch // k)
+        for first in range(0, count, per_batch):
+            examples = range(first, min(count, first + per_batch))
+            run = [(ex, 0, k) for ex in examples]
+            codes = torch.cat([pool(int(seeds[ex]), level, size, code_size)[top[ex]] for ex in examples]).to(device)
+            run_scores = _score(generator, distance, task, _candidates_prefix(prefix, run, device), codes,
+                                target_features, run)
+            for i, ex in enumerate(examples):
+                exact[ex, top[ex]] = run_scores[i * k : (i + 1) * k]
+    return exact
 
 
 def _candidates_prefix(prefix: Prefix, run, device) -> Prefix:

@@ -112,16 +112,17 @@ def search_round(config: Config, generator: Generator, distance: Distance, batch
     inputs, targets, seeds = [x[mine] for x in batch.inputs], [y[mine] for y in batch.targets], seeds[mine]
     task, s = tasks.get(config.task), config.search
     generator.eval()
+    dtype = torch.bfloat16 if s.precision == "bfloat16" else None
     if s.zero_codes:  # the regression baseline searches nothing; its codes are set to zero in _train_round
         levels = config.model.levels
         result = SearchResult(seeds, torch.zeros(len(seeds), levels, dtype=torch.long), [1] * levels,
                               torch.zeros(len(seeds), levels))
     elif s.flat:
         size = s.flat_samples or sum(s.samples_per_level)
-        result = flat_search(generator, distance, task, inputs, targets, seeds, size, s.max_batch)
+        result = flat_search(generator, distance, task, inputs, targets, seeds, size, s.max_batch, dtype)
     else:
         result = hierarchical_search(generator, distance, task, inputs, targets, seeds, s.samples_per_level,
-                                     s.max_batch)
+                                     s.max_batch, dtype, rescore=s.rescore)
     crash_point("search")
     return SearchResult(distributed.gather_rows(result.seeds), distributed.gather_rows(result.winners),
                         result.pool_sizes, distributed.gather_rows(result.distances))
