@@ -74,9 +74,12 @@ def init(device: str | None = None) -> tuple[World, torch.device]:
 
 
 def cleanup() -> None:
-    """Leave the process group that init() joined, if any."""
+    """Leave the process group that init() joined, if any, all processes together: a process tearing down its
+    gloo connections while a peer is still writing the model once aborted the run at exit ("terminate called
+    without an active exception", seen under heavy load)."""
     global _joined
     if _joined and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
     _joined = False
 
