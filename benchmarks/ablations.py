@@ -24,7 +24,6 @@ training seeds, mean ± standard deviation. Writes benchmarks/results/ablations.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -251,12 +250,8 @@ def report(result: dict, size: dict, mode: str, run: dict) -> tuple[str, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few-minute smoke-test size (one seed, one round)")
-    parser.add_argument("--out", type=Path, default=common.RESULTS, help="report folder (default: benchmarks/results)")
-    parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
-    parser.add_argument("--rewrite", type=Path, metavar="JSON",
-                        help="only rewrite the Markdown report and chart from a JSON report of an earlier run")
+    parser = common.parser(__doc__, "a few-minute smoke-test size (one seed, one round)",
+                           "only rewrite the Markdown report and chart from a JSON report of an earlier run")
     args = parser.parse_args()
     if args.rewrite:
         saved = common.read_run(args.rewrite)

@@ -4,6 +4,8 @@ with Pillow (matplotlib is not a dependency)."""
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import platform
@@ -58,6 +60,16 @@ def run_line(run: dict) -> str:
             f"{run['cpu_seconds'] / 60:.1f} min, on {m['cpus']} CPUs with OMP_NUM_THREADS={m['omp_num_threads']}; "
             f"load average before / after: {run['load_average_before']} / {run['load_average_after']}: the CPU was "
             "shared with other work, so wall times are inflated and the CPU time is the better guide to an idle run).")
+
+
+def parser(doc: str, quick_help: str, rewrite_help: str) -> argparse.ArgumentParser:
+    """The options every training benchmark takes: --quick, --out, --work, --rewrite."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", type=Path, default=RESULTS, help="report folder (default: benchmarks/results)")
+    p.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--rewrite", type=Path, metavar="JSON", help=rewrite_help)
+    return p
 
 
 def read_run(path: Path) -> dict:

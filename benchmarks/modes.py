@@ -26,7 +26,6 @@ benchmarks/results/modes.{md,json,png}.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import tempfile
@@ -314,12 +313,8 @@ def report(result: dict, size: dict, mode: str, run: dict) -> tuple[str, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few-minute smoke-test size (one seed)")
-    parser.add_argument("--out", type=Path, default=common.RESULTS, help="report folder (default: benchmarks/results)")
-    parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
-    parser.add_argument("--rewrite", type=Path, metavar="JSON",
-                        help="only rewrite the Markdown report from a JSON report of an earlier run (no training)")
+    parser = common.parser(__doc__, "a few-minute smoke-test size (one seed)",
+                           "only rewrite the Markdown report from a JSON report of an earlier run (no training)")
     args = parser.parse_args()
     if args.rewrite:
         saved = common.read_run(args.rewrite)
