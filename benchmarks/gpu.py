@@ -8,7 +8,7 @@ px), weights as initialised (speed does not depend on their values), inputs crop
     search     `hierarchical_search` under bfloat16 autocast, pools (200, 200, 20, 10): examples per second, and
                the utilisation: multiply-adds counted (generator and LPIPS, every candidate and prefix render) x 2
                / time / the device's dense bf16 peak (--peak-tflops, default 790: an H200's)
-    sample     images per second of 256 px outputs under `fixed_weights`, bf16 and float32, batched
+    sample     images per second of 256 px outputs brought to the CPU, under `fixed_weights`, bf16 and float32, batched
     train      training steps per second at batch 1 (the paper's), float32 and bf16 autocast, fused Adam
 Writes OUT/gpu.json and OUT/gpu.md (OUT: benchmarks/results).
 """
@@ -82,20 +82,12 @@ def measure_search(config, device, args) -> dict:
 def measure_sample(config, device, args) -> dict:
     generator, _, task = speed.build(config, device)
     inputs, _ = speed.examples(config, 1, device)
-    sizes = generator.code_sizes(generator.start(inputs))
     n, batch = args.images, args.sample_batch
-    codes = [torch.randn(n, s, generator=torch.Generator().manual_seed(level)).to(device) for level, s in enumerate(sizes)]
-
-    def render() -> None:
-        for start in range(0, n, batch):
-            chunk = [c[start : start + batch] for c in codes]
-            raw = generator([x.expand(chunk[0].shape[0], -1, -1, -1) for x in inputs], chunk)[-1]
-            task.image(raw, inputs, config.model.levels - 1)
-
+    render = speed.sampler(generator, task, inputs, n)
     rows = {}
     for name, dtype in (("bfloat16", torch.bfloat16), ("float32", None)):
         with fixed_weights(generator, device, dtype):
-            rows[name] = n / timed(render, device)
+            rows[name] = n / timed(lambda: render(batch), device)
     return {"images": n, "batch": batch, "output_px": config.data.crop, "images_per_second": rows}
 
 

@@ -414,6 +414,21 @@ def bf16_effect(generator, lpips, task, inputs, targets, codes, device) -> dict:
 # Phase: sampling -----------------------------------------------------------------------------------------------
 
 
+def sampler(generator: Generator, task, inputs: list[torch.Tensor], n: int):
+    """A function rendering n fixed-code samples of one input in batches of a given size, brought to the CPU."""
+    sizes = generator.code_sizes(generator.start(inputs))
+    codes = [torch.randn(n, s, generator=torch.Generator().manual_seed(level)).to(inputs[0].device)
+             for level, s in enumerate(sizes)]
+
+    def render(size: int) -> None:
+        for start in range(0, n, size):
+            chunk = [c[start : start + size] for c in codes]
+            raw = generator([x.expand(chunk[0].shape[0], -1, -1, -1) for x in inputs], chunk)[-1]
+            task.image(raw, inputs, generator.cfg.levels - 1).cpu()
+
+    return render
+
+
 def phase_sample(spec: dict, device: torch.device) -> dict:
     """Images per second: the naive way, `chimle.sample.Model.sample` as it is, and under `fixed_weights`."""
     from chimle.sample import Model
@@ -421,16 +436,8 @@ def phase_sample(spec: dict, device: torch.device) -> dict:
     config = make_config("super-resolution", spec["quick"])
     generator, _, task = build(config, device)
     inputs, _ = examples(config, 1, device)
-    sizes = generator.code_sizes(generator.start(inputs))
     n, batch = spec["images"], spec["batch"]
-    codes = [torch.randn(n, s, generator=torch.Generator().manual_seed(level)).to(device) for level, s in enumerate(sizes)]
-
-    def render(size: int) -> None:
-        for start in range(0, n, size):
-            chunk = [c[start : start + size] for c in codes]
-            raw = generator([x.expand(chunk[0].shape[0], -1, -1, -1) for x in inputs], chunk)[-1]
-            task.image(raw, inputs, config.model.levels - 1).cpu()
-
+    render = sampler(generator, task, inputs, n)
     now = clock(device)
 
     def rate(fn) -> float:
