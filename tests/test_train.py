@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from chimle.checkpoint import CheckpointError, load_model
-from chimle.sample import Model
 from chimle.generator import Generator
-from chimle.train import train
+from chimle.sample import Model
+from chimle.train import ADAM, make_optimizer, train
 from conftest import tiny_config
 
 FAST = ["train.passes=1", "train.round_size=4", "train.steps_per_round=6", "train.checkpoint_every=2"]
@@ -94,8 +94,6 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
 
 def test_adam_implementations_give_the_same_step():
     """make_optimizer's fused Adam (the default) updates the weights as the for-loop one does, up to rounding."""
-    from chimle.train import ADAM, make_optimizer
-
     cfg = tiny_config("super-resolution")
     after = {}
     for kind in ADAM:

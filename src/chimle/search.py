@@ -223,8 +223,9 @@ def _search_level(generator, distance, task, targets, seeds, prefix, size, max_b
     with torch.autocast(device.type, enabled=False):  # below, float32 whatever the candidates were rendered in
         if rescore > 0:
             scores = _rescore(generator, distance, task, targets, seeds, prefix, scores, rescore, max_batch)
-        best = scores.argmin(dim=1)  # the first of equal candidates wins
-        winners[:, level], distances[:, level] = best, scores.gather(1, best[:, None]).squeeze(1)
+        with record_function("search.argmin"):
+            best = scores.argmin(dim=1)  # the first of equal candidates wins
+            winners[:, level], distances[:, level] = best, scores.gather(1, best[:, None]).squeeze(1)
         chosen = torch.stack([pool(int(seeds[ex]), level, size, code_size)[int(best[ex])] for ex in range(count)])
         with record_function("search.prefix"):
             _, prefix = generator.render_level(prefix, chosen.to(device))
