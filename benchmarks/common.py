@@ -34,9 +34,25 @@ def load_average() -> list[float] | None:
         return None
 
 
+def cpu() -> dict:
+    """The CPU's model name and the instruction-set flags that decide the speed of float32 and bfloat16 kernels
+    (from /proc/cpuinfo where there is one), and PyTorch's view of them."""
+    model, flags = platform.processor() or None, []
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                    if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        model = info.get("model name", model)
+        flags = sorted(f for f in info.get("flags", "").split() if f.startswith(("avx", "amx", "fma", "f16c")))
+    except OSError:
+        pass
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: None)()
+    return {"cpu_model": model, "cpu_flags": " ".join(flags) or None, "torch_cpu_capability": capability}
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
-    return {"cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    return {**cpu(), "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "chimle": __version__,
             "python": platform.python_version(), "platform": platform.platform(), "load_average": load_average()}
 
@@ -224,6 +240,52 @@ def bar_panel(title: str, groups: list[tuple[str, list[tuple[str, float | None, 
             tw = text_width(draw, group, small)
             draw.text(((start + x) / 2 - tw / 2, bottom + 22), group, fill=(90, 90, 90), font=small)
         x += step
+    return image
+
+
+def line_panel(title: str, series: list[tuple[str, list[float], list[float]]], x_label: str,
+               size: tuple[int, int] = (640, 420)) -> Image.Image:
+    """A line chart: one (label, xs, ys) line with dots per series, a legend on the right."""
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    f, small = font(15), font(12)
+    draw.text((10, 6), title, fill=INK, font=f)
+    legend = max([text_width(draw, label, small) for label, _, _ in series] + [0]) + 30
+    top, bottom, left, right = 40, height - 40, 56, width - 10 - legend
+    xs = [x for _, sx, _ in series for x in sx] or [0, 1]
+    ys = [y for _, _, sy in series for y in sy] or [0, 1]
+    x0, x1 = 0.0, max(xs) * 1.05 or 1.0
+    y0, y1 = min(ys), max(ys)
+    pad = (y1 - y0) * 0.08 or 0.05
+    y0, y1 = y0 - pad, y1 + pad
+
+    def at(x, y):
+        return left + (right - left) * (x - x0) / (x1 - x0), bottom - (bottom - top) * (y - y0) / (y1 - y0)
+
+    draw.line([(left, bottom), (right, bottom)], fill=INK)
+    draw.line([(left, top), (left, bottom)], fill=INK)
+    for tick in np.linspace(y0, y1, 6):
+        _, y = at(x0, tick)
+        draw.line([(left - 4, y), (left, y)], fill=INK)
+        draw.text((2, y - 7), f"{tick:.3f}", fill=INK, font=small)
+    for tick in np.linspace(x0, x1, 6):
+        x, _ = at(tick, y0)
+        draw.line([(x, bottom), (x, bottom + 4)], fill=INK)
+        draw.text((x - 10, bottom + 6), f"{tick:.1f}", fill=INK, font=small)
+    draw.text(((left + right) / 2 - text_width(draw, x_label, small) / 2, bottom + 22), x_label, fill=INK, font=small)
+    palette = COLOURS + [(23, 190, 207), (188, 189, 34), (127, 127, 127), (227, 119, 194), (0, 0, 0),
+                         (100, 100, 255), (255, 100, 100), (50, 150, 50)]
+    for i, (label, sx, sy) in enumerate(series):
+        colour = palette[i % len(palette)]
+        points = [at(x, y) for x, y in zip(sx, sy)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        ly = top + 4 + 17 * i
+        draw.line([(right + 12, ly + 7), (right + 24, ly + 7)], fill=colour, width=3)
+        draw.text((right + 28, ly), label, fill=INK, font=small)
     return image
 
 

@@ -19,9 +19,10 @@ from chimle.generator import Generator
 from chimle.train import train
 from conftest import tiny_config
 
-# 3 rounds of 4 steps; states at steps 0 (after the search), 2, 4, 6, ...; one grid at the end.
+# 3 rounds of 4 steps; states at steps 0 (after the search), 2, 4, 6, ...; one grid at the end. With a weight
+# average and a learning-rate schedule, so that a resumed run must restore both exactly.
 SETTINGS = ["train.rounds=3", "train.round_size=4", "train.steps_per_round=4", "train.checkpoint_every=2",
-            "train.grid_every=100"]
+            "train.grid_every=100", "train.ema=0.9", "train.schedule=cosine", "train.warmup=3"]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

@@ -20,7 +20,10 @@ from typing import Any
 import yaml
 
 WIRINGS = ("generic", "super-resolution", "colourization")
+FLOAT_LISTS = {"search.reject_below"}  # list fields of floats (every other list field holds integers)
 PRESETS = ("paper", "small", "tiny")
+SCHEDULES = ("constant", "cosine")
+INITS = ("official", "pytorch")
 
 
 class ConfigError(ValueError):
@@ -69,6 +72,7 @@ class SearchConfig:
     precision: str = "float32"  # candidate renders: float32 | bfloat16 (autocast; pays on GPUs and bf16 CPUs)
     rescore: int = 4  # with bfloat16: each example's nearest candidates re-judged in float32 at every level
     zero_codes: bool = False  # regression baseline: no search, every code zero (same network, same loss)
+    reject_below: list[float] = field(default_factory=list)  # RS-IMLE: per level, candidates nearer than this are rejected; [] or 0 = off (paper: off)
 
 
 @dataclass
@@ -79,6 +83,11 @@ class TrainConfig:
     rounds: int = 0  # rounds to train whatever the data size; 0 = as many as `passes` passes need (paper: 0)
     batch_size: int = 1  # examples per optimisation step (paper: 1)
     lr: float = 1e-4  # Adam learning rate (paper: 1e-4, constant)
+    schedule: str = "constant"  # learning-rate schedule over the run: constant (paper) | cosine (down to lr_final x lr)
+    warmup: int = 0  # optimisation steps of linear learning-rate warm-up from 0 (paper: 0)
+    lr_final: float = 0.0  # cosine schedule: the rate at the last step, as a fraction of lr
+    ema: float = 0.0  # decay per step of the moving average of the weights that sampling uses; 0 = off (paper: off)
+    init: str = "pytorch"  # initial weights: pytorch (PyTorch's defaults, style heads zero) | official (zero biases, Linear kaiming x 0.1)
     beta1: float = 0.9  # Adam beta1 (paper: 0.9)
     beta2: float = 0.999  # Adam beta2 (paper: 0.999)
     mapping_lr_scale: float = 0.01  # learning-rate factor of the mapping networks (paper: 0.01)
@@ -145,6 +154,11 @@ def _coerce(value: Any, current: Any, name: str, where: str) -> Any:
     elif isinstance(current, str):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif isinstance(current, list) and name in FLOAT_LISTS:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, 0.0, name, where) for v in value]
     elif isinstance(current, list):
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value]
@@ -270,6 +284,8 @@ def validate(config: Config) -> None:
         problems.append("search.flat_samples must be >= 0 and search.max_batch >= 1")
     if s.precision not in ("float32", "bfloat16"):
         problems.append(f"search.precision={s.precision!r} must be 'float32' or 'bfloat16'")
+    if s.reject_below and (len(s.reject_below) not in (1, m.levels) or any(not v >= 0 for v in s.reject_below)):
+        problems.append(f"search.reject_below={s.reject_below} needs one value >= 0, or one per level ({m.levels})")
     if s.rescore < 0:
         problems.append(f"search.rescore={s.rescore} must be >= 0")
     if t.rounds < 0:
@@ -280,6 +296,14 @@ def validate(config: Config) -> None:
             problems.append(f"train.{name}={getattr(t, name)} must be >= 1")
     if not t.lr > 0 or not 0 <= t.beta1 < 1 or not 0 <= t.beta2 < 1 or not t.mapping_lr_scale >= 0:
         problems.append("train.lr must be > 0, train.beta1 and beta2 in [0, 1), train.mapping_lr_scale >= 0")
+    if t.schedule not in SCHEDULES:
+        problems.append(f"train.schedule={t.schedule!r} must be one of {SCHEDULES}")
+    if t.warmup < 0 or not 0 <= t.lr_final <= 1:
+        problems.append(f"train.warmup={t.warmup} must be >= 0 and train.lr_final={t.lr_final} in [0, 1]")
+    if not 0 <= t.ema < 1:
+        problems.append(f"train.ema={t.ema} must be in [0, 1) (0 = off; e.g. 0.999)")
+    if t.init not in INITS:
+        problems.append(f"train.init={t.init!r} must be one of {INITS}")
     if not t.pixel_weight >= 0:
         problems.append(f"train.pixel_weight={t.pixel_weight} must be >= 0")
     if t.perceptual not in ("vgg", "alex"):

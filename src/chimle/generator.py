@@ -187,5 +187,29 @@ class Generator(nn.Module):
         return [p for level in self.levels for m in (level.map_0, level.map) for p in m.parameters()]
 
 
+def initialise(generator: Generator, scheme: str) -> Generator:
+    """Set the initial weights of a freshly built generator by `scheme` (config `train.init`):
+
+    pytorch   as constructed: PyTorch's default init (uniform conv and Linear weights and biases), the style
+              heads zero, so that the style starts as a plain instance norm.
+    official  what the official release effectively does (DESIGN.md §2.3): its kaiming-normal x 0.1 init is
+              written into the convolutions' derived `weight`, which weight norm recomputes from (g, v) on every
+              forward, so only its zero biases take effect there; every Linear (mapping networks, style heads)
+              is kaiming-normal (fan-in) x 0.1 with zero bias, so the styles start small but not zero.
+    """
+    if scheme == "official":
+        with torch.no_grad():
+            for module in generator.modules():
+                if isinstance(module, WNConv2d):
+                    module.bias.zero_()
+                elif isinstance(module, nn.Linear):
+                    nn.init.kaiming_normal_(module.weight, mode="fan_in")
+                    module.weight.mul_(0.1)
+                    module.bias.zero_()
+    elif scheme != "pytorch":
+        raise ValueError(f"unknown initialisation {scheme!r}; choose official or pytorch")
+    return generator
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

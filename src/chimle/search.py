@@ -150,6 +150,7 @@ def hierarchical_search(
     dtype: torch.dtype | None = None,
     layout: bool = True,
     rescore: int = 4,
+    reject_below: list[float] | None = None,
 ) -> SearchResult:
     """Choose each example's code level by level (see module docstring); the result does not depend on max_batch.
 
@@ -161,13 +162,35 @@ def hierarchical_search(
     `rescore` nearest candidates again in float32 and keeps the nearest of those by the float32 distance; the
     prefixes (the chosen codes' renders) are float32 too. Whenever the float32 search's winner is among the
     low-precision top `rescore`, the choice is exactly the float32 one (benchmarks/speed.py measures how often).
-    `layout=False` keeps the weights' layout (see `channels_last`)."""
+    `layout=False` keeps the weights' layout (see `channels_last`). `reject_below` (one value, or one per level)
+    turns on rejection sampling (see `reject`)."""
     group = max(1, max_batch // min(pool_sizes))
     rescore = rescore if dtype is not None else 0
+    thresholds = per_level(reject_below, len(pool_sizes))
     with fixed_weights(generator, inputs[0].device, dtype, layout, fold=False):
         result = _in_groups(group, inputs, targets, seeds, lambda x, y, s: _hierarchical_group(
-            generator, distance, task, x, y, s, pool_sizes, max_batch, rescore))
+            generator, distance, task, x, y, s, pool_sizes, max_batch, rescore, thresholds))
     return _plain(result)
+
+
+def per_level(values: list[float] | None, levels: int) -> list[float]:
+    """A per-level setting given as nothing (0 everywhere), one value for every level, or one per level."""
+    values = list(values or [0.0])
+    return values * levels if len(values) == 1 else values
+
+
+def reject(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Rejection sampling IMLE (RS-IMLE; Vashist, Peng and Li, ECCV 2024): candidates nearer to the target than
+    `threshold` are rejected (their distance set to +inf) before the nearest is chosen, so that the codes
+    training pulls towards their targets are typical draws of N(0, I), as at test time, and not the rare
+    outliers that happen to land unusually close. Where every candidate of an example is rejected, the model
+    already renders that target closely whatever the code: the example keeps all its candidates and the
+    nearest is chosen, as without rejection. Rows are examples, columns candidates; +inf entries stay."""
+    if threshold <= 0:
+        return scores
+    kept = scores.masked_fill(scores < threshold, float("inf"))
+    none_left = torch.isinf(kept).all(dim=1, keepdim=True)
+    return torch.where(none_left, scores, kept)
 
 
 def _plain(result: SearchResult) -> SearchResult:
@@ -188,7 +211,7 @@ def _in_groups(group: int, inputs, targets, seeds, search) -> SearchResult:
 
 
 def _hierarchical_group(generator, distance, task, inputs, targets, seeds, pool_sizes, max_batch,
-                        rescore) -> SearchResult:
+                        rescore, thresholds) -> SearchResult:
     count = inputs[0].shape[0]
     winners = torch.zeros(count, len(pool_sizes), dtype=torch.long)
     distances = torch.zeros(count, len(pool_sizes))
@@ -196,12 +219,12 @@ def _hierarchical_group(generator, distance, task, inputs, targets, seeds, pool_
     for level, size in enumerate(pool_sizes):
         with folded(generator.levels[level]):
             prefix = _search_level(generator, distance, task, targets, seeds, prefix, size, max_batch, winners,
-                                   distances, rescore)
+                                   distances, rescore, thresholds[level])
     return SearchResult(seeds.clone(), winners, list(pool_sizes), distances)
 
 
 def _search_level(generator, distance, task, targets, seeds, prefix, size, max_batch, winners, distances,
-                  rescore) -> Prefix:
+                  rescore, threshold) -> Prefix:
     """Choose every example's code at `prefix.level` (into `winners`, `distances`); return the next prefix."""
     device, level, count = targets[0].device, prefix.level, prefix.batch
     code_size = generator.code_sizes(prefix)[level]
@@ -221,8 +244,10 @@ def _search_level(generator, distance, task, targets, seeds, prefix, size, max_b
     if not torch.isfinite(scores).all():
         raise FloatingPointError(f"code search: non-finite LPIPS distances at level {level}; the model has diverged")
     with torch.autocast(device.type, enabled=False):  # below, float32 whatever the candidates were rendered in
+        scores = reject(scores, threshold)
         if rescore > 0:
             scores = _rescore(generator, distance, task, targets, seeds, prefix, scores, rescore, max_batch)
+            scores = reject(scores, threshold)
         with record_function("search.argmin"):
             best = scores.argmin(dim=1)  # the first of equal candidates wins
             winners[:, level], distances[:, level] = best, scores.gather(1, best[:, None]).squeeze(1)
@@ -300,16 +325,19 @@ def flat_search(
     max_batch: int = 64,
     dtype: torch.dtype | None = None,
     layout: bool = True,
+    reject_below: float = 0.0,
 ) -> SearchResult:
-    """Flat cIMLE: one pool of full codes per example, rendered through every level, judged at the last."""
+    """Flat cIMLE: one pool of full codes per example, rendered through every level, judged at the last
+    (with rejection sampling below `reject_below`, see `reject`)."""
     group = max(1, max_batch // pool_size)
     with fixed_weights(generator, inputs[0].device, dtype, layout):
         result = _in_groups(group, inputs, targets, seeds, lambda x, y, s: _flat_group(
-            generator, distance, task, x, y, s, pool_size, max_batch))
+            generator, distance, task, x, y, s, pool_size, max_batch, reject_below))
     return _plain(result)
 
 
-def _flat_group(generator, distance, task, inputs, targets, seeds, pool_size, max_batch) -> SearchResult:
+def _flat_group(generator, distance, task, inputs, targets, seeds, pool_size, max_batch,
+                threshold) -> SearchResult:
     device = inputs[0].device
     count, levels = inputs[0].shape[0], generator.cfg.levels
     code_sizes = generator.code_sizes(generator.start(inputs))
@@ -328,6 +356,7 @@ def _flat_group(generator, distance, task, inputs, targets, seeds, pool_size, ma
         for ex, start, end in run:
             scores[ex, start:end] = scores_run[offset : offset + end - start]
             offset += end - start
+    scores = reject(scores, threshold)
     best = scores.argmin(dim=1)
     distances = torch.zeros(count, levels)
     distances[:, -1] = scores.gather(1, best[:, None]).squeeze(1)

@@ -15,8 +15,8 @@ checkpoint reaches the same weights as an uninterrupted one. Under torchrun each
 its share of a round and takes its share of every step's batch, and rank 0 alone writes files (see
 chimle.distributed). The run directory holds:
     config.yaml        the resolved config
-    model.safetensors  the latest weights with the config (for `chimle sample`)
-    state-*.pt         resumable state (weights, optimizer, position, the round's search result)
+    model.safetensors  the latest weights with the config (for `chimle sample`; with `train.ema`, their average)
+    state-*.pt         resumable state (weights, their average, optimizer, position, the round's search result)
     log.txt, metrics.jsonl, grids/step-*.png
 """
 
@@ -28,6 +28,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -37,12 +38,13 @@ from chimle import checkpoint, distributed, tasks
 from chimle import weights as weights_lib
 from chimle.checkpoint import (MODEL_FILE, CheckpointError, CorruptCheckpointError, atomic_write, check_fits,
                                check_state, crash_point, disk_errors, save_model)
-from chimle.config import Config, ConfigError, from_dict
+from chimle.config import Config, ConfigError, TrainConfig, from_dict
 from chimle.data import ImageFolder, PairedFolder, builtin_photos, seeded
-from chimle.generator import Generator
+from chimle.ema import WeightAverage
+from chimle.generator import Generator, initialise
 from chimle.perceptual import LPIPS, Distance
 from chimle.distributed import World
-from chimle.search import SearchResult, codes_from, flat_search, hierarchical_search
+from chimle.search import SearchResult, codes_from, flat_search, hierarchical_search, per_level
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before training stops
 
@@ -119,10 +121,11 @@ def search_round(config: Config, generator: Generator, distance: Distance, batch
                               torch.zeros(len(seeds), levels))
     elif s.flat:
         size = s.flat_samples or sum(s.samples_per_level)
-        result = flat_search(generator, distance, task, inputs, targets, seeds, size, s.max_batch, dtype)
+        result = flat_search(generator, distance, task, inputs, targets, seeds, size, s.max_batch, dtype,
+                             reject_below=per_level(s.reject_below, config.model.levels)[-1])
     else:
         result = hierarchical_search(generator, distance, task, inputs, targets, seeds, s.samples_per_level,
-                                     s.max_batch, dtype, rescore=s.rescore)
+                                     s.max_batch, dtype, rescore=s.rescore, reject_below=s.reject_below)
     crash_point("search")
     return SearchResult(distributed.gather_rows(result.seeds), distributed.gather_rows(result.winners),
                         result.pool_sizes, distributed.gather_rows(result.distances))
@@ -147,6 +150,24 @@ def level_losses(generator: Generator, distance: Distance, task: tasks.Task, inp
         outputs = [o * w for o, w in zip(outputs, weights)]
         targets = [t * w for t, w in zip(targets, weights)]
     return torch.stack([distance(o, t).mean() for o, t in zip(outputs, targets)])
+
+
+def learning_rate_factor(t: TrainConfig, step: int, total: int) -> float:
+    """The multiple of `train.lr` at optimisation step `step` (0-based) of `total`: a linear warm-up over
+    `train.warmup` steps, times a constant (the paper) or a half cosine from 1 down to `train.lr_final`."""
+    factor = min(1.0, (step + 1) / t.warmup) if t.warmup else 1.0
+    if t.schedule == "cosine":
+        progress = min(1.0, step / max(1, total - 1))
+        factor *= t.lr_final + (1 - t.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, t: TrainConfig, step: int, total: int) -> None:
+    """Set the rates of the two parameter groups (see `make_optimizer`) for step `step`. They come from the
+    run's config at every step, so a diverged run continues at a lower rate set in its config.yaml."""
+    factor = learning_rate_factor(t, step, total)
+    for group, lr in zip(optimizer.param_groups, (t.lr, t.lr * t.mapping_lr_scale)):
+        group["lr"] = lr * factor
 
 
 ADAM = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
@@ -273,6 +294,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     rounds: int
     world: World = World()  # this process among the run's processes
+    average: WeightAverage | None = None  # the moving average of the weights (train.ema), or None
+    on_save: Callable[[int, Path], None] | None = None  # called with (step, model file) after each model save
     bar: tqdm | None = None
     bad_steps: int = 0  # consecutive non-finite losses
 
@@ -280,10 +303,17 @@ class Run:
     def total_steps(self) -> int:
         return self.rounds * self.config.train.steps_per_round
 
+    @property
+    def sampler(self) -> Generator:
+        """The generator that model files, grids and sampling use: the weight average if there is one."""
+        return self.generator if self.average is None else self.average.module
 
-def train(config: Config, out: str | Path, resume: bool = False, device: str | None = None) -> Path:
+
+def train(config: Config, out: str | Path, resume: bool = False, device: str | None = None,
+          on_save: Callable[[int, Path], None] | None = None) -> Path:
     """Train (or resume) the run in `out`; return the path of the final model file. Under torchrun every
-    process calls this (see chimle.distributed)."""
+    process calls this (see chimle.distributed). `on_save(step, model file)` is called on the writing process
+    after every model save (e.g. to keep snapshots for a learning curve, as benchmarks/quality.py does)."""
     # Set up the processes and the run directory (rank 0 reads it and tells the others).
     world, device = distributed.init(device)
     files = RunFiles(out, writer=world.is_main)
@@ -301,10 +331,11 @@ def train(config: Config, out: str | Path, resume: bool = False, device: str | N
 
     # Construct networks, or restore them.
     torch.manual_seed(t.seed)
-    generator = Generator(config.model).to(device)
+    generator = initialise(Generator(config.model), t.init).to(device)
     distance = Distance(LPIPS(t.perceptual), t.pixel_weight).to(device)
     run = Run(config, files, generator, distance, make_optimizer(config, generator),
-              total_rounds(config, len(dataset)), world)
+              total_rounds(config, len(dataset)), world, WeightAverage(generator, t.ema) if t.ema else None,
+              on_save if world.is_main else None)
     step, search = 0, None
     if state is not None:
         step, search = _restore(run, state)
@@ -324,7 +355,7 @@ def train(config: Config, out: str | Path, resume: bool = False, device: str | N
     run.bar.close()
 
     # Done.
-    files.save_model(generator, config)
+    files.save_model(run.sampler, config)
     files.log(f"done: {step} steps")
     distributed.cleanup()
     return files.dir / MODEL_FILE
@@ -342,12 +373,12 @@ def _restore(run: Run, state: dict) -> tuple[int, SearchResult | None]:
     check_fits(state, run.config, source)
     check_state(run.generator, state["generator"], source)
     run.generator.load_state_dict(state["generator"])
+    if run.average is not None:
+        run.average.load_state_dict(state["average"] if state.get("average") is not None else state["generator"])
     try:
         run.optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, RuntimeError) as error:
         raise CheckpointError(f"{source}: its optimizer state does not fit this model ({error})") from None
-    for group, lr in zip(run.optimizer.param_groups, (t.lr, t.lr * t.mapping_lr_scale)):
-        group["lr"] = lr  # the run's config.yaml decides, so a diverged run can continue at a lower rate
     saved_world = state.get("processes", 1)
     if saved_world != run.world.size:
         run.files.log(f"the run was saved by {saved_world} process(es) and continues on {run.world.size}: a step "
@@ -395,12 +426,14 @@ def _train_round(run: Run, batch: Round, search: SearchResult, step: int) -> int
             run.files.log(f"step {step:7d}  round {batch.number}  loss {losses.sum().item():.4f}  "
                           f"levels {' '.join(f'{v:.3f}' for v in losses.tolist())}  {rate:.2f} steps/s")
         if step % t.grid_every == 0 or step == run.total_steps:
-            run.files.grid(config, generator, batch, step)
+            run.files.grid(config, run.sampler, batch, step)
         finished = in_round + 1 == t.steps_per_round
         if step % t.checkpoint_every == 0 or finished:
             distributed.check_same(generator)  # rank 0's file stands for every rank's weights
             run.files.save_state(_state(run, step, None if finished else search), step, t.keep_checkpoints)
-            run.files.save_model(generator, config)
+            run.files.save_model(run.sampler, config)
+            if run.on_save is not None:
+                run.on_save(step, run.files.dir / MODEL_FILE)
     return step
 
 
@@ -418,7 +451,10 @@ def _step(run: Run, batch: Round, index: torch.Tensor, step: int) -> torch.Tenso
     losses = distributed.average_gradients(list(run.generator.parameters()), losses.detach())
     loss = losses.sum()
     if torch.isfinite(loss):
+        set_learning_rate(run.optimizer, run.config.train, step, run.total_steps)
         run.optimizer.step()
+        if run.average is not None:
+            run.average.update(run.generator, step)
         run.bad_steps = 0
         return losses
     run.bad_steps += 1
@@ -438,6 +474,7 @@ def _state(run: Run, step: int, search: SearchResult | None) -> dict:
         "step": step,
         "processes": run.world.size,
         "generator": {k: v.detach().cpu() for k, v in run.generator.state_dict().items()},
+        "average": None if run.average is None else run.average.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "search": _search_state(search),
     }

@@ -1,0 +1,404 @@
+"""Quality at a fixed CPU budget: which training recipe gives the best model for the CPU time it costs.
+
+    python benchmarks/quality.py --quick                                   # smoke run: minutes
+    python benchmarks/quality.py --task super-resolution --budget 4        # the ladder at a short budget, 3 seeds
+    python benchmarks/quality.py --task super-resolution --budget 14 --configs "small (before)" small
+    python benchmarks/quality.py --rewrite benchmarks/results/quality.json # only redraw the report
+
+Every configuration is a named list of overrides of the `small` preset (CONFIGS). It trains for a fixed amount
+of CPU time on one thread (`--budget` CPU-minutes), so results hold on a loaded machine: its number of rounds
+comes from a calibration that times one round's code search and a few of its steps, once per configuration,
+so every configuration finishes its whole schedule (warm-up, cosine, EMA) within the budget. Each (configuration,
+seed) runs in its own one-thread process, `--jobs` at a time; finished runs are kept in `--work`, so a killed
+benchmark continues where it stopped and adding a configuration only trains the new one.
+
+Scoring (LPIPS-VGG throughout, 8 samples per input, seed 0), on two held-out sets never trained on:
+    builtin   the demo's 12 tiles: four 128 px tiles from the centre of each built-in held-out photo
+    photos    one centre 128 px tile of each held-out photo of the open photo set (chimle.photoset), if built
+per set: best-of-8 and mean LPIPS to the ground truth as a ratio to the task's baseline (bicubic upsampling, the
+grey image, the JPEG; ratio of the means over tiles, lower is better), LPIPS diversity (mean over pairs of
+samples of one input), consistency with the input (chimle.evaluate.consistency) and KID (Inception pool3; two
+samples per input against the targets). Snapshots of the model along the way give the learning curve (best-of-8
+ratio on the builtin tiles against training CPU-minutes). Writes benchmarks/results/quality.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from chimle import tasks, train as training  # noqa: E402
+from chimle.data import center_crop, list_images, load_image  # noqa: E402
+from chimle.evaluate import baseline_output, consistency  # noqa: E402
+from chimle.generator import Generator, initialise  # noqa: E402
+from chimle.metrics import fid as fid_lib  # noqa: E402
+from chimle.metrics.diversity import pairwise_lpips  # noqa: E402
+from chimle.perceptual import LPIPS, Distance  # noqa: E402
+from chimle.search import codes_from  # noqa: E402
+
+TILE = 128  # held-out tile side, px (the demo's)
+SAMPLES = 8  # samples per held-out input
+KID_SAMPLES = 2  # samples per input whose Inception features enter KID
+SNAPSHOTS = 4  # learning-curve points per run (evenly spaced rounds, the last one included)
+WORK = Path(__file__).resolve().parents[1] / "runs" / "quality"
+
+# The recipe of `small` before this benchmark existed, pinned, so that "small (before)" stays what it was when the
+# preset changes.
+BEFORE = ["train.init=pytorch", "train.ema=0", "train.schedule=constant", "train.warmup=0", "train.lr=0.002",
+          "train.batch_size=8", "train.pixel_weight=1.0", "train.perceptual=alex", "train.round_size=32",
+          "train.steps_per_round=60", "search.samples_per_level=[20,20,10,5]", "search.reject_below=[]"]
+CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
+    "small (before)": BEFORE,
+    "small": [],
+    "+ official init": [*BEFORE, "train.init=official"],
+    "+ EMA 0.995": [*BEFORE, "train.ema=0.995"],
+    "+ cosine lr": [*BEFORE, "train.schedule=cosine", "train.warmup=20"],
+    "+ lr 0.004": [*BEFORE, "train.lr=0.004"],
+    "+ lr 0.001": [*BEFORE, "train.lr=0.001"],
+    "+ batch 4": [*BEFORE, "train.batch_size=4"],
+    "+ L1 0.2": [*BEFORE, "train.pixel_weight=0.2"],
+    "+ RS-IMLE": [*BEFORE, "search.reject_below=0.05"],
+    "+ pools x2": [*BEFORE, "search.samples_per_level=[40,40,20,10]"],
+    "+ pools /2": [*BEFORE, "search.samples_per_level=[10,10,5,3]"],
+    "+ 30 steps per round": [*BEFORE, "train.steps_per_round=30"],
+    "+ LPIPS-VGG loss": [*BEFORE, "train.perceptual=vgg"],
+}
+QUICK = dict(budget=0.4, seeds=[0], photos=4, configs=["small (before)", "+ EMA 0.995"])
+
+
+# Held-out data -------------------------------------------------------------------------------------------
+
+
+def heldout_sets(config, photos: int | None) -> dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]]:
+    """{set name: [(tile name, model input, ground truth)]}: the demo's builtin tiles, and centre tiles of the
+    open photo set's held-out photos (at most `photos` of them; None = all) when the set is available."""
+    from chimle import demo
+    from chimle.sample import Model
+
+    task = tasks.get(config.task)
+    model = Model(Generator(config.model), config)
+    sets = {"builtin": demo.heldout(task, model, TILE)}
+    folder = photo_set("heldout")
+    if folder is not None and task.derived:
+        builtin = {p.stem for p in list_images(demo.builtin_photos("heldout"))}
+        files = [p for p in list_images(folder) if p.stem not in builtin][:photos]
+        targets = [(p.stem, center_crop(load_image(p), TILE)) for p in files]
+        sets["photos"] = [(name, task.input_for(t[None], config)[0], t) for name, t in targets]
+    return sets
+
+
+def photo_set(split: str) -> Path | None:
+    """The folder of a split of the open photo set, or None if this version has none or it is not built."""
+    try:
+        from chimle import photoset
+    except ImportError:
+        return None
+    try:
+        return photoset.folder(split, fetch=False)
+    except Exception:  # noqa: BLE001 - not built here: score on the builtin tiles only
+        return None
+
+
+@torch.no_grad()
+def score(model_file: Path, sets: dict, full: bool, lpips: LPIPS, inception=None) -> dict:
+    """The numbers of one model on every held-out set (KID only if `full`)."""
+    from chimle.sample import Model
+
+    model = Model.load(model_file, device="cpu")
+    task, config = model.task, model.config
+    out = {}
+    for set_name, tiles in sets.items():
+        rows, real, fake = [], [], []
+        for name, given, target in tiles:
+            samples = model.sample(given, n=SAMPLES, seed=0)
+            base = baseline_output(task, given, target.shape[-2:])
+            target_features = lpips.features(target[None])
+            features = lpips.features(samples)
+            distances = lpips.distance(features, target_features)
+            agreement = consistency(task, config, samples, given)
+            rows.append({"best": distances.min().item(), "mean": distances.mean().item(),
+                         "baseline": lpips(base, target[None]).item(),
+                         "diversity": pairwise_lpips(lpips, features).mean().item(),
+                         "consistency": None if agreement is None else agreement.mean().item()})
+            if full:
+                real.append(inception(target[None]))
+                fake.append(inception(samples[:KID_SAMPLES]))
+        mean = {k: (float(np.mean([r[k] for r in rows])) if rows[0][k] is not None else None) for k in rows[0]}
+        summary = {**mean, "ratio_best": mean["best"] / mean["baseline"], "ratio_mean": mean["mean"] / mean["baseline"],
+                   "tiles": len(rows)}
+        if full:
+            summary["kid"] = fid_lib.kid(np.concatenate(real), np.concatenate(fake), seed=0)[0]
+        out[set_name] = summary
+    return out
+
+
+# Jobs: calibration, and one training run scored ----------------------------------------------------------
+
+
+def job_config(task: str, name: str, extra: list[str] = ()):
+    return common.config(task, [*CONFIGS[name], *extra])
+
+
+def calibrate(task: str, name: str) -> dict:
+    """CPU seconds of one round of the configuration: its code search and `steps_per_round` steps (timed over a
+    few steps after a warm-up one), measured on this process's one thread."""
+    config = job_config(task, name)
+    t = config.train
+    dataset = training.training_set(config)
+    torch.manual_seed(t.seed)
+    generator = initialise(Generator(config.model), t.init)
+    distance = Distance(LPIPS(t.perceptual), t.pixel_weight)
+    optimizer = training.make_optimizer(config, generator)
+    started = time.process_time()
+    batch = training.draw_round(config, dataset, 0, torch.device("cpu"))
+    search = training.search_round(config, generator, distance, batch)
+    search_seconds = time.process_time() - started
+    sizes = generator.code_sizes(generator.start([x[:1] for x in batch.inputs]))
+    codes = codes_from(search, sizes)
+    task_entry = tasks.get(config.task)
+    generator.train()
+    steps, timed = 6, 0.0
+    for i in range(steps + 1):
+        started = time.process_time()
+        index = training.batch_indices(config, i)
+        losses = training.level_losses(generator, distance, task_entry, [x[index] for x in batch.inputs],
+                                       [y[index] for y in batch.targets], [c[index] for c in codes])
+        optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        optimizer.step()
+        if i:
+            timed += time.process_time() - started
+    step_seconds = timed / steps
+    return {"search_seconds": search_seconds, "step_seconds": step_seconds,
+            "round_seconds": search_seconds + t.steps_per_round * step_seconds}
+
+
+def train_and_score(task: str, name: str, seed: int, budget: float, rounds: int, out: Path, photos: int | None
+                    ) -> dict:
+    """Train one configuration for `rounds` rounds, keeping SNAPSHOTS model snapshots, then score them."""
+    steps_per_round = job_config(task, name).train.steps_per_round
+    config = job_config(task, name, [f"train.seed={seed}", f"train.rounds={rounds}", "train.passes=1"])
+    marks = sorted({math.ceil(rounds * (k + 1) / SNAPSHOTS) * steps_per_round for k in range(SNAPSHOTS)})
+    shutil.rmtree(out, ignore_errors=True)  # a run killed half-way starts again: its CPU time must be whole
+    snapshots = []
+    started = time.process_time()
+
+    def keep(step: int, model_file: Path) -> None:
+        if step in marks:
+            cpu = time.process_time() - started
+            path = out / "snapshots" / f"step-{step:07d}.safetensors"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(model_file, path)
+            snapshots.append({"step": step, "cpu_seconds": cpu, "file": str(path)})
+
+    training.train(config, out / "run", device="cpu", on_save=keep)
+    train_cpu = time.process_time() - started
+    sets = heldout_sets(config, photos)
+    lpips = LPIPS("vgg")
+    inception = fid_lib.InceptionFeatures(None, torch.device("cpu"), 16)
+    for snap in snapshots[:-1]:
+        snap["scores"] = score(Path(snap["file"]), {"builtin": sets["builtin"]}, False, lpips)
+    snapshots[-1]["scores"] = score(Path(snapshots[-1]["file"]), sets, True, lpips, inception)
+    return {"task": task, "config": name, "overrides": CONFIGS[name], "seed": seed, "budget_minutes": budget,
+            "rounds": rounds, "steps": rounds * steps_per_round, "train_cpu_seconds": train_cpu,
+            "final": snapshots[-1]["scores"], "curve": [{k: s[k] for k in ("step", "cpu_seconds", "scores")}
+                                                        for s in snapshots]}
+
+
+def job_main(spec_file: Path) -> None:
+    """Run one job in this (one-thread) process and write its result next to the spec."""
+    spec = json.loads(spec_file.read_text())
+    torch.set_num_threads(1)
+    if spec["kind"] == "calibrate":
+        result = calibrate(spec["task"], spec["config"])
+    else:
+        result = train_and_score(spec["task"], spec["config"], spec["seed"], spec["budget"], spec["rounds"],
+                                 Path(spec["out"]), spec["photos"])
+    tmp = Path(spec["result"]).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, spec["result"])
+
+
+# Scheduling ----------------------------------------------------------------------------------------------
+
+
+def run_jobs(specs: list[dict], jobs: int) -> None:
+    """Run the jobs whose result does not exist yet, `jobs` one-thread processes at a time."""
+    pending = [s for s in specs if not Path(s["result"]).exists()]
+    running: list[tuple[dict, subprocess.Popen]] = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    while pending or running:
+        while pending and len(running) < jobs:
+            spec = pending.pop(0)
+            spec_file = Path(spec["result"]).with_name(Path(spec["result"]).stem + "-spec.json")
+            spec_file.parent.mkdir(parents=True, exist_ok=True)
+            spec_file.write_text(json.dumps(spec))
+            log = open(spec_file.with_name(Path(spec["result"]).stem + ".log"), "w")
+            running.append((spec, subprocess.Popen([sys.executable, __file__, "--job", str(spec_file)], env=env,
+                                                   stdout=log, stderr=subprocess.STDOUT)))
+            print(f"started {spec['kind']} {spec['config']}" + (f" seed {spec['seed']}" if "seed" in spec else ""),
+                  flush=True)
+        time.sleep(2)
+        for item in list(running):
+            spec, process = item
+            if process.poll() is not None:
+                running.remove(item)
+                status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode}, see its .log)"
+                print(f"{status}: {spec['kind']} {spec['config']}" + (f" seed {spec['seed']}" if "seed" in spec
+                                                                       else ""), flush=True)
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in name).strip("_")
+
+
+def run(task: str, budget: float, names: list[str], seeds: list[int], jobs: int, work: Path,
+        photos: int | None) -> list[dict]:
+    """Calibrate, then train and score every (configuration, seed); returns the results."""
+    base = work / slug(task)
+    calibrations = [{"kind": "calibrate", "task": task, "config": n, "result": str(base / slug(n) / "calibration.json")}
+                    for n in names]
+    run_jobs(calibrations, jobs)
+    runs = []
+    for seed in seeds:
+        for n in names:
+            per_round = json.loads((base / slug(n) / "calibration.json").read_text())["round_seconds"]
+            rounds = max(2, int(budget * 60 // per_round))
+            folder = base / slug(n) / f"budget-{budget:g}" / f"seed-{seed}"
+            runs.append({"kind": "train", "task": task, "config": n, "seed": seed, "budget": budget, "rounds": rounds,
+                         "photos": photos, "out": str(folder), "result": str(folder.with_suffix(".json"))})
+    run_jobs(runs, jobs)
+    return [json.loads(Path(s["result"]).read_text()) for s in runs if Path(s["result"]).exists()]
+
+
+# Report --------------------------------------------------------------------------------------------------
+
+COLUMNS = [("ratio_best", "best-of-8 / baseline"), ("ratio_mean", "mean / baseline"), ("diversity", "diversity"),
+           ("kid", "KID"), ("consistency", "consistency")]
+
+
+def summarise(results: list[dict]) -> dict:
+    """{(task, budget): {config: {set: {metric: spread over seeds}}}} plus rounds and CPU time."""
+    out: dict = {}
+    for r in results:
+        out.setdefault(f"{r['task']} @ {r['budget_minutes']:g} CPU-min", {}).setdefault(r["config"], []).append(r)
+    table = {}
+    for key, configs in out.items():
+        table[key] = {}
+        for name, rs in configs.items():
+            sets = {s: {m: common.spread([r["final"][s].get(m) for r in rs]) for m, _ in COLUMNS}
+                    for s in rs[0]["final"]}
+            table[key][name] = {"sets": sets, "seeds": sorted(r["seed"] for r in rs), "rounds": rs[0]["rounds"],
+                                "train_cpu_minutes": common.spread([r["train_cpu_seconds"] / 60 for r in rs]),
+                                "overrides": rs[0]["overrides"],
+                                "baseline_lpips": {s: rs[0]["final"][s]["baseline"] for s in rs[0]["final"]}}
+    return table
+
+
+def markdown(table: dict, run: dict) -> str:
+    lines = ["# Quality at a fixed CPU budget", "", common.run_line(run), "",
+             f"Machine: {run['machine'].get('cpu_model')}; flags {run['machine'].get('cpu_flags')}.", "",
+             "Ratios are LPIPS-VGG to the ground truth divided by the baseline's (bicubic / grey / JPEG), mean ± std over "
+             "seeds; lower is better. Diversity: mean LPIPS-VGG between two samples of one input. KID: Inception "
+             f"pool3, {KID_SAMPLES} samples per input against the targets. Consistency: see chimle.evaluate.consistency "
+             "(super-resolution and decompression: PSNR in dB of the re-degraded sample against the input, higher is "
+             "better; colourization: mean |ΔL|, lower is better).", ""]
+    for key, configs in table.items():
+        lines += [f"## {key}", ""]
+        sets = list(next(iter(configs.values()))["sets"])
+        for s in sets:
+            base = next(iter(configs.values()))["baseline_lpips"][s]
+            lines += [f"### held-out set `{s}` (baseline LPIPS {base:.4f})", "",
+                      "| configuration | seeds | rounds | train CPU-min | " + " | ".join(label for _, label in COLUMNS)
+                      + " |", "|---" * (4 + len(COLUMNS)) + "|"]
+            for name, row in configs.items():
+                if s not in row["sets"]:
+                    continue
+                cells = [common.pm(row["sets"][s][m], 4 if m == "kid" else 3) for m, _ in COLUMNS]
+                lines.append(f"| {name} | {len(row['seeds'])} | {row['rounds']} | "
+                             f"{row['train_cpu_minutes']['mean']:.1f} | " + " | ".join(cells) + " |")
+            lines.append("")
+        lines += ["Overrides of each configuration (on the `small` preset):", ""]
+        lines += [f"- **{name}**: `{' '.join(row['overrides']) or '(none)'}`" for name, row in configs.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Learning curves: builtin best-of-8 ratio against training CPU-minutes, mean over seeds, per configuration."""
+    panels = []
+    groups: dict = {}
+    for r in results:
+        groups.setdefault(f"{r['task']} @ {r['budget_minutes']:g} CPU-min", {}).setdefault(r["config"], []).append(r)
+    for key, configs in groups.items():
+        series = []
+        for name, rs in configs.items():
+            points = min(len(r["curve"]) for r in rs)
+            xs = [float(np.mean([r["curve"][i]["cpu_seconds"] / 60 for r in rs])) for i in range(points)]
+            ys = [float(np.mean([r["curve"][i]["scores"]["builtin"]["ratio_best"] for r in rs])) for i in range(points)]
+            series.append((name, xs, ys))
+        panels.append(common.line_panel(f"{key}: best-of-8 LPIPS / baseline (builtin tiles)", series,
+                                        "training CPU-minutes", size=(900, 520)))
+    if panels:
+        common.stack(panels, 1).save(path)
+
+
+def main() -> None:
+    parser = common.parser(__doc__, "a smoke run: two configurations, one seed, a 0.4 CPU-minute budget",
+                           "only rewrite the Markdown report and chart from a JSON report of an earlier run")
+    parser.add_argument("--task", default="super-resolution", choices=["super-resolution", "colourization",
+                                                                       "decompression"])
+    parser.add_argument("--budget", type=float, default=4.0, help="training CPU-minutes per run (default 4)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    parser.add_argument("--configs", nargs="+", default=None, help=f"configurations to run (default all): {list(CONFIGS)}")
+    parser.add_argument("--jobs", type=int, default=2, help="one-thread processes at a time (default 2)")
+    parser.add_argument("--photos", type=int, default=40, help="held-out photos of the open photo set to score on")
+    parser.add_argument("--job", type=Path, help=argparse_suppress())
+    args = parser.parse_args()
+    if args.job:
+        return job_main(args.job)
+    work = args.work or WORK
+    if args.rewrite:
+        saved = common.read_run(args.rewrite)
+        results, record = saved["results"], {k: saved[k] for k in common.RUN_KEYS}
+    else:
+        names = args.configs or list(CONFIGS)
+        unknown = [n for n in names if n not in CONFIGS]
+        if unknown:
+            parser.error(f"unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
+        budget, seeds, photos = args.budget, args.seeds, args.photos
+        if args.quick:
+            budget, seeds, photos, names = QUICK["budget"], QUICK["seeds"], QUICK["photos"], QUICK["configs"]
+            work = work / "quick"
+        load_before, clock = common.load_average(), common.Stopwatch()
+        run(args.task, budget, names, seeds, args.jobs, work, photos)
+        record = common.run_record(clock, load_before)
+        results = [json.loads(p.read_text()) for p in sorted(work.glob("*/*/budget-*/seed-*.json"))]
+    table = summarise(results)
+    text = markdown(table, record)
+    common.write("quality", text, {**record, "summary": table, "results": results}, args.out)
+    plot(results, args.out / "quality.png")
+    print(text)
+    print(f"wrote {args.out / 'quality.md'}, {args.out / 'quality.json'} and {args.out / 'quality.png'}")
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The training recipe's options: initialisation, learning-rate schedule, weight average (EMA), rejection sampling."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chimle.blocks import WNConv2d
+from chimle.checkpoint import load_state
+from chimle.config import ConfigError
+from chimle.ema import WeightAverage
+from chimle.generator import Generator, initialise
+from chimle.perceptual import LPIPS
+from chimle.search import hierarchical_search, reject
+from chimle.tasks import get
+from chimle.train import learning_rate_factor, train
+from conftest import randomize, tiny_config
+from test_search import planted_targets
+
+
+def test_official_initialisation_zeroes_biases_and_scales_linear_layers():
+    cfg = tiny_config("super-resolution", "model.style_dim=256", "model.code_dim=256").model
+    torch.manual_seed(0)
+    g = initialise(Generator(cfg), "official")
+    convs = [m for m in g.modules() if isinstance(m, WNConv2d)]
+    assert convs and all(torch.all(c.bias == 0) for c in convs)
+    for c in convs:  # weight norm keeps g = ||v||: the convolutions' weights are PyTorch's default
+        torch.testing.assert_close(c.weight_g.flatten(), c.weight_v.flatten(1).norm(dim=1))
+    linears = [m for m in g.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(torch.all(m.bias == 0) for m in linears)
+    wide = [m for m in linears if m.in_features >= 256]
+    for m in wide:  # kaiming-normal (fan-in, gain sqrt 2) x 0.1
+        expected = 0.1 * math.sqrt(2 / m.in_features)
+        assert abs(m.weight.std().item() / expected - 1) < 0.1, (m, m.weight.std().item(), expected)
+    styles = [a for level in g.levels for a in level.style.affine]
+    assert all(a.weight.abs().sum() > 0 for a in styles)  # official: small, not zero
+
+
+def test_pytorch_initialisation_starts_the_style_as_a_plain_instance_norm():
+    torch.manual_seed(0)
+    g = initialise(Generator(tiny_config().model), "pytorch")
+    assert all(torch.all(a.weight == 0) and torch.all(a.bias == 0) for level in g.levels for a in level.style.affine)
+    assert any(torch.any(m.bias != 0) for m in g.modules() if isinstance(m, WNConv2d))
+
+
+def test_learning_rate_schedules():
+    t = tiny_config("super-resolution", "train.schedule=cosine", "train.lr_final=0.1", "train.warmup=4").train
+    factors = [learning_rate_factor(t, step, 101) for step in range(101)]
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / 100)) for s in range(101)]
+    assert factors[:4] == pytest.approx([(s + 1) / 4 * cosine[s] for s in range(4)])  # linear warm-up
+    assert factors[4:] == pytest.approx(cosine[4:])
+    assert factors[50] == pytest.approx(0.55)
+    assert factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
+    constant = tiny_config("super-resolution").train
+    assert {learning_rate_factor(constant, s, 50) for s in range(50)} == {1.0}
+
+
+def test_weight_average_follows_the_weights_with_a_warm_up_of_its_decay():
+    module = torch.nn.Linear(3, 2)
+    average = WeightAverage(module, decay=0.99)
+    assert average.decay_at(0) == pytest.approx(0.1) and average.decay_at(1000) == 0.99
+    start = average.module.weight.detach().clone()
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    average.update(module, 0)  # 0.1 * start + 0.9 * (start + 1)
+    torch.testing.assert_close(average.module.weight, start + 0.9)
+    average.update(module, 1)  # decay 2/11
+    torch.testing.assert_close(average.module.weight, start + 1 - 0.1 * 2 / 11)
+    assert not any(p.requires_grad for p in average.module.parameters())
+
+
+def test_model_file_holds_the_average_and_the_state_both(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config("super-resolution", "train.ema=0.9", "train.rounds=1", "train.passes=1"), out)
+    model = load_file(str(out / "model.safetensors"))
+    state = load_state(sorted(out.glob("state-*.pt"))[-1])
+    assert all(torch.equal(model[k], state["average"][k]) for k in model)
+    assert any(not torch.equal(model[k], state["generator"][k]) for k in model)
+
+
+def test_rejection_keeps_the_nearest_candidate_at_or_beyond_the_threshold():
+    scores = torch.tensor([[0.01, 0.20, 0.10, float("inf")],  # 0.01 rejected: 0.10 wins
+                           [0.01, 0.02, 0.03, float("inf")],  # every finite candidate rejected: the nearest wins
+                           [0.50, 0.40, 0.05, 0.30]])         # exactly at the threshold: kept
+    chosen = reject(scores, 0.05).argmin(dim=1)
+    assert chosen.tolist() == [2, 0, 2]
+    assert torch.equal(reject(scores, 0.0), scores)
+
+
+def test_search_with_rejection_skips_a_candidate_equal_to_the_target():
+    cfg = tiny_config("super-resolution", "model.levels=2", "data.crop=32")
+    g = randomize(Generator(cfg.model), 3).eval().requires_grad_(False)
+    task, lpips = get("super-resolution"), LPIPS("alex")
+    inputs = [torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))]
+    seeds = torch.tensor([21, 22])
+    targets = planted_targets(g, task, inputs, seeds, [8, 8], [[3, 5], [6, 1]])
+    plain = hierarchical_search(g, lpips, task, inputs, targets, seeds, [8, 8])
+    assert plain.winners.tolist() == [[3, 5], [6, 1]]
+    rejected = hierarchical_search(g, lpips, task, inputs, targets, seeds, [8, 8], reject_below=[1e-4, 0.0])
+    assert rejected.winners[:, 0].tolist() != [3, 6] and torch.all(rejected.distances[:, 0] >= 1e-4)
+    everything = hierarchical_search(g, lpips, task, inputs, targets, seeds, [8, 8], reject_below=[100.0])
+    assert torch.equal(everything.winners, plain.winners)  # all rejected at every level: plain IMLE's choice
+
+
+def test_recipe_settings_are_validated():
+    assert tiny_config("super-resolution", "search.reject_below=0.05").search.reject_below == [0.05]
+    assert tiny_config("super-resolution", "search.reject_below=[0, 1e-2]").search.reject_below == [0.0, 0.01]
+    for override, message in [("search.reject_below=[0.1,0.1,0.1]", "one per level"),
+                              ("search.reject_below=-1", "needs one value >= 0"),
+                              ("search.reject_below=[a]", "must be like"),
+                              ("train.schedule=linear", "train.schedule='linear' must be one of"),
+                              ("train.ema=1", r"train.ema=1.0 must be in \[0, 1\)"),
+                              ("train.init=xavier", "train.init='xavier' must be one of"),
+                              ("train.lr_final=2", r"lr_final=2.0 in \[0, 1\]")]:
+        with pytest.raises(ConfigError, match=message):
+            tiny_config("super-resolution", override)
