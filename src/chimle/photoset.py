@@ -407,7 +407,8 @@ def _build_into(folder: Path, photos: list[Photo], log: Callable[[str], None]) -
                 continue
             file = f"{p.split}/{p.stem}.jpg"
             image.save(folder / file, quality=QUALITY, subsampling=0)
-            hashes[p.stem] = perceptual_hash(image)
+            with Image.open(folder / file) as saved:  # the hash of what users get, not of the pixels before JPEG
+                hashes[p.stem] = perceptual_hash(saved)
             stored[p.stem] = {"file": file, "split": p.split, "size": list(image.size),
                               "sha256": sha256_file(folder / file), "hash": f"{hashes[p.stem]:016x}"}
         log(f"{describe(source)}: {len(group)} photo{'' if len(group) == 1 else 's'}")
