@@ -539,7 +539,8 @@ def markdown(photos: list[Photo] | None = None) -> str:
         "partial set. The cache lives under `$CHIMLE_HOME` (default `~/.cache/chimle`); "
         "`CHIMLE_DEBIAN_MIRROR` chooses another Debian mirror (`http://archive.debian.org/debian` once Debian 12 "
         "is archived).", "",
-        "Chosen by eye from every image of the packages below: photographs only (no renders, paintings, "
+        "Chosen by eye from the raster images of the packages below (GCompris' SVG drawings and its paintings "
+        "activity aside): photographs only (no renders, paintings, "
         "drawings, logos, greyscale, microscopy or astronomy images), no near-duplicates (a 63-bit perceptual hash "
         f"within {DUPLICATE_BITS} bits stops the build), no non-commercial or unclear licences. The split is by "
         "source photo and fixed in the manifest; the built-in held-out photos (cincinnati, european, picture_1a) "
