@@ -485,17 +485,24 @@ def attribution(photos: list[Photo]) -> str:
             + LICENCE_NOTE + "\n" + photo_table(photos))
 
 
-# What the sources hold besides the chosen photos, and why it was left out (for docs/photoset.md).
-LEFT_OUT = {
+# What the sources hold besides the chosen photos and why it was left out, and where the attribution comes
+# from when the package says more than one thing (for docs/photoset.md).
+SOURCE_NOTES = {
     "gcompris-qt-data": "paintings (the details and paintings activities), drawings (lang, babyshapes, clickgame's "
                         "fish and most other activities), the categorization activity's photos and the leftright and "
                         "louis-braille photos (shorter side below 256 px), solar_system (astronomy), the 1961 aerial "
                         "photograph of Castle Clinton (greyscale), and details' Neuschwanstein (the same view as "
-                        "explore_monuments' photo, 10 bits apart in the perceptual hash)",
+                        "explore_monuments' photo, 10 bits apart in the perceptual hash). Authors, licences and "
+                        "origins come from the README beside each image inside the bundles; Debian's copyright file "
+                        "does not name these images one by one (its per-file entries are for older files) and "
+                        "gives GPL-3 or GPL-3+ for the rest. The "
+                        "details activity's photos are adaptations under CC-BY-SA-4.0 (one CC-BY-4.0) of the named "
+                        "photographers' originals",
     "lomiri-wallpapers-16.04": "analogpattern (an abstract texture) and umang (a gradient)",
     "lomiri-wallpapers-20.04": "Fossa and Painting-Colors (renders), Infinite-Sea (a composite)",
     "mate-backgrounds": "the abstract and desktop folders: renders, logos, blurred auroras and a painting (Elephants)",
-    "palapeli-data": "the backgrounds folder (512-px textures)",
+    "palapeli-data": "the backgrounds folder (512-px textures). Authors and licences come from each puzzle's "
+                     ".desktop file; Debian's copyright file says GPL-2+ for the whole package",
     "plasma-workspace-wallpapers": "renders, drawings and a painting (19 wallpapers), Kite (a logo on a sky photo), "
                                    "ColdRipple and Grey (greyscale); the wallpapers' metadata says LGPLv3 (recorded "
                                    "here), "
@@ -547,14 +554,14 @@ def markdown(photos: list[Photo] | None = None) -> str:
         "are held out here too, the nine built-in training photos are training photos, and two photos of the same "
         "landmark share a split.", "",
         "## Sources", "",
-        "| package | version | file | bytes | sha256 | photos | left out |", "|---|---|---|---|---|---|---|",
+        "| package | version | file | bytes | sha256 | photos | left out, and notes |", "|---|---|---|---|---|---|---|",
     ]
     for name, deb in DEBS.items():
         lines.append(f"| Debian {deb.package} | {deb.version} | {deb.filename} | {deb.size:,} | `{deb.sha256}` | "
-                     f"{count.get(name, 0)} | {LEFT_OUT.get(name, '')} |")
+                     f"{count.get(name, 0)} | {SOURCE_NOTES.get(name, '')} |")
     for name, spec in WHEELS.items():
         lines.append(f"| PyPI {name} | {spec.requirement.split('==')[1]} | {spec.filename} | | `{spec.sha256}` | "
-                     f"{count.get(name, 0)} | {LEFT_OUT.get(name, '')} |")
+                     f"{count.get(name, 0)} | {SOURCE_NOTES.get(name, '')} |")
     lines += ["", NOT_USED, "", "Debian files come from `http://deb.debian.org/debian/` + the pool path "
               "(`apt-get download --print-uris PACKAGE` on Debian 12); wheels with `pip download --no-deps "
               "--require-hashes` and the CPython 3.11 manylinux tags, so every machine fetches the same file.", "",
