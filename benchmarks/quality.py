@@ -59,21 +59,24 @@ WORK = Path(__file__).resolve().parents[1] / "runs" / "quality"
 BEFORE = ["train.init=pytorch", "train.ema=0", "train.schedule=constant", "train.warmup=0", "train.lr=0.002",
           "train.batch_size=8", "train.pixel_weight=1.0", "train.perceptual=alex", "train.round_size=32",
           "train.steps_per_round=60", "search.samples_per_level=[20,20,10,5]", "search.reject_below=[]"]
+PHOTOS = "data.path=PHOTOS"  # train on the open photo set's training split (chimle.photoset) instead of the nine
 CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "small (before)": BEFORE,
-    "small": [],
-    "+ official init": [*BEFORE, "train.init=official"],
     "+ EMA 0.995": [*BEFORE, "train.ema=0.995"],
     "+ cosine lr": [*BEFORE, "train.schedule=cosine", "train.warmup=20"],
-    "+ lr 0.004": [*BEFORE, "train.lr=0.004"],
-    "+ lr 0.001": [*BEFORE, "train.lr=0.001"],
-    "+ batch 4": [*BEFORE, "train.batch_size=4"],
+    "+ official init": [*BEFORE, "train.init=official"],
+    "+ 126 photos": [*BEFORE, PHOTOS],
     "+ L1 0.2": [*BEFORE, "train.pixel_weight=0.2"],
-    "+ RS-IMLE": [*BEFORE, "search.reject_below=0.05"],
-    "+ pools x2": [*BEFORE, "search.samples_per_level=[40,40,20,10]"],
+    "+ batch 4": [*BEFORE, "train.batch_size=4"],
+    "+ lr 0.004": [*BEFORE, "train.lr=0.004"],
+    "+ crop 64": [*BEFORE, "data.crop=64"],
     "+ pools /2": [*BEFORE, "search.samples_per_level=[10,10,5,3]"],
     "+ 30 steps per round": [*BEFORE, "train.steps_per_round=30"],
+    "+ pools x2": [*BEFORE, "search.samples_per_level=[40,40,20,10]"],
+    "+ mapping lr x1": [*BEFORE, "train.mapping_lr_scale=1"],
+    "+ lr 0.001": [*BEFORE, "train.lr=0.001"],
     "+ LPIPS-VGG loss": [*BEFORE, "train.perceptual=vgg"],
+    "small": [],
 }
 QUICK = dict(budget=0.4, seeds=[0], photos=4, configs=["small (before)", "+ EMA 0.995"])
 
@@ -90,8 +93,8 @@ def heldout_sets(config, photos: int | None) -> dict[str, list[tuple[str, torch.
     task = tasks.get(config.task)
     model = Model(Generator(config.model), config)
     sets = {"builtin": demo.heldout(task, model, TILE)}
-    folder = photo_set("heldout")
-    if folder is not None and task.derived:
+    if photos != 0 and task.derived:
+        folder = photo_set("heldout")
         builtin = {p.stem for p in list_images(demo.builtin_photos("heldout"))}
         files = [p for p in list_images(folder) if p.stem not in builtin][:photos]
         targets = [(p.stem, center_crop(load_image(p), TILE)) for p in files]
@@ -99,16 +102,11 @@ def heldout_sets(config, photos: int | None) -> dict[str, list[tuple[str, torch.
     return sets
 
 
-def photo_set(split: str) -> Path | None:
-    """The folder of a split of the open photo set, or None if this version has none or it is not built."""
-    try:
-        from chimle import photoset
-    except ImportError:
-        return None
-    try:
-        return photoset.folder(split, fetch=False)
-    except Exception:  # noqa: BLE001 - not built here: score on the builtin tiles only
-        return None
+def photo_set(split: str) -> Path:
+    """The folder of a split of the open photo set (built on first use, see chimle.photoset)."""
+    from chimle import photoset
+
+    return photoset.folder(split, log=lambda line: None)
 
 
 @torch.no_grad()
@@ -148,7 +146,8 @@ def score(model_file: Path, sets: dict, full: bool, lpips: LPIPS, inception=None
 
 
 def job_config(task: str, name: str, extra: list[str] = ()):
-    return common.config(task, [*CONFIGS[name], *extra])
+    overrides = [f"data.path={photo_set('train')}" if o == PHOTOS else o for o in CONFIGS[name]]
+    return common.config(task, [*overrides, *extra])
 
 
 def calibrate(task: str, name: str) -> dict:
@@ -205,6 +204,7 @@ def train_and_score(task: str, name: str, seed: int, budget: float, rounds: int,
 
     training.train(config, out / "run", device="cpu", on_save=keep)
     train_cpu = time.process_time() - started
+    scoring_started = time.process_time()
     sets = heldout_sets(config, photos)
     lpips = LPIPS("vgg")
     inception = fid_lib.InceptionFeatures(None, torch.device("cpu"), 16)
@@ -213,6 +213,7 @@ def train_and_score(task: str, name: str, seed: int, budget: float, rounds: int,
     snapshots[-1]["scores"] = score(Path(snapshots[-1]["file"]), sets, True, lpips, inception)
     return {"task": task, "config": name, "overrides": CONFIGS[name], "seed": seed, "budget_minutes": budget,
             "rounds": rounds, "steps": rounds * steps_per_round, "train_cpu_seconds": train_cpu,
+            "score_cpu_seconds": time.process_time() - scoring_started,
             "final": snapshots[-1]["scores"], "curve": [{k: s[k] for k in ("step", "cpu_seconds", "scores")}
                                                         for s in snapshots]}
 
@@ -242,7 +243,7 @@ def run_jobs(specs: list[dict], jobs: int) -> None:
     while pending or running:
         while pending and len(running) < jobs:
             spec = pending.pop(0)
-            spec_file = Path(spec["result"]).with_name(Path(spec["result"]).stem + "-spec.json")
+            spec_file = Path(spec["result"]).with_suffix(".spec")
             spec_file.parent.mkdir(parents=True, exist_ok=True)
             spec_file.write_text(json.dumps(spec))
             log = open(spec_file.with_name(Path(spec["result"]).stem + ".log"), "w")
@@ -297,7 +298,8 @@ def summarise(results: list[dict]) -> dict:
     table = {}
     for key, configs in out.items():
         table[key] = {}
-        for name, rs in configs.items():
+        for name, rs in sorted(configs.items(), key=lambda item: list(CONFIGS).index(item[0])
+                               if item[0] in CONFIGS else len(CONFIGS)):
             sets = {s: {m: common.spread([r["final"][s].get(m) for r in rs]) for m, _ in COLUMNS}
                     for s in rs[0]["final"]}
             table[key][name] = {"sets": sets, "seeds": sorted(r["seed"] for r in rs), "rounds": rs[0]["rounds"],

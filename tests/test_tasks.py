@@ -35,6 +35,20 @@ def test_lab_matches_published_values_and_round_trips():
     assert torch.allclose(lab_to_rgb(rgb_to_lab(x)), x, atol=1e-9)
 
 
+def test_out_of_gamut_colours_are_clipped_but_keep_their_gradient():
+    """A chroma that overshoots the gamut shows clipped, but its gradient still points back (as in the official
+    release, which clips linear RGB only at 0); below 0 there is no gradient."""
+    lab = torch.tensor([[60.0, 120.0, 0.0], [50.0, -300.0, 0.0]]).T.reshape(1, 3, 2, 1).requires_grad_()
+    rgb = lab_to_rgb(lab)
+    assert rgb.max() <= 1 + 1e-6 and rgb.min() >= 0
+    assert rgb[0, 0, 0, 0].item() == pytest.approx(1)  # red of the magenta-ish pixel clipped at 1
+    rgb[0, 0, 0, 0].backward()
+    assert lab.grad[0, 1, 0, 0] > 0  # more a, more red: the gradient survives the clip at 1
+    lab.grad = None
+    lab_to_rgb(lab)[0, 0, 1, 0].backward()  # red of the strongly green pixel is clipped at 0: no gradient
+    assert lab.grad.abs().sum() == 0
+
+
 def test_grey_keeps_lightness_and_drops_chroma():
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     g = grey(x)

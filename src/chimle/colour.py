@@ -45,15 +45,25 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
 
 
+def _clip_to_gamut(linear: torch.Tensor) -> torch.Tensor:
+    """Linear RGB clipped to [0, 1], with the gradient of a clip at 0 only, as the official release computes it:
+    an over-saturated prediction (above 1) shows as the clipped colour a user gets, but its gradient still says
+    which way the colour should move. A plain clip at 1 would give it none, so a chroma prediction that once
+    overshoots could never learn back."""
+    positive = linear.clamp_min(0)
+    return positive - (positive - positive.clamp_max(1)).detach()
+
+
 def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
-    """Lab -> sRGB, clamped to [0, 1] (colours outside the sRGB gamut are clipped)."""
+    """Lab -> sRGB, clamped to [0, 1] (colours outside the sRGB gamut are clipped; see `_clip_to_gamut` for the
+    gradient)."""
     L, a, b = lab.unbind(1)
     fy = (L + 16) / 116
     f = torch.stack([fy + a / 500, fy, fy - b / 200], dim=1)
     white = torch.tensor(_WHITE, dtype=lab.dtype, device=lab.device).view(1, 3, 1, 1)
     xyz = _f_inverse(f) * white
     inverse = torch.linalg.inv(torch.tensor(_RGB_TO_XYZ, dtype=torch.float64)).to(lab.dtype).tolist()
-    return _to_gamma(_matrix(xyz, inverse).clamp(0, 1))
+    return _to_gamma(_clip_to_gamut(_matrix(xyz, inverse)))
 
 
 def lightness(rgb: torch.Tensor) -> torch.Tensor:
