@@ -1,20 +1,25 @@
 """The training recipe's options: initialisation, learning-rate schedule, weight average (EMA), rejection sampling."""
 
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from chimle.adaptive import AdaptiveState, data_point
 from chimle.blocks import WNConv2d
-from chimle.checkpoint import load_state
+from chimle.checkpoint import CRASH_VARIABLE, load_state
 from chimle.config import ConfigError
 from chimle.ema import WeightAverage
 from chimle.generator import Generator, initialise
-from chimle.perceptual import LPIPS
+from chimle.perceptual import LPIPS, Distance
 from chimle.search import hierarchical_search, reject
 from chimle.tasks import get
-from chimle.train import learning_rate_factor, train
+from chimle.train import draw_round, learning_rate_factor, search_round, train, training_set
 from conftest import randomize, tiny_config
 from test_search import planted_targets
 
@@ -113,6 +118,74 @@ def test_recipe_settings_are_validated():
                               ("train.schedule=linear", "train.schedule='linear' must be one of"),
                               ("train.ema=1", r"train.ema=1.0 must be in \[0, 1\)"),
                               ("train.init=xavier", "train.init='xavier' must be one of"),
-                              ("train.lr_final=2", r"lr_final=2.0 in \[0, 1\]")]:
+                              ("train.lr_final=2", r"lr_final=2.0 in \[0, 1\]"),
+                              ("search.adaptive=true", "needs a fixed set of examples"),
+                              ("train.examples=5", "multiple of train.round_size"),
+                              ("search.adaptive_min_visits=40", "adaptive_min_visits=40 <= adaptive_max_visits=30")]:
         with pytest.raises(ConfigError, match=message):
             tiny_config("super-resolution", override)
+
+
+def test_a_fixed_set_of_examples_is_visited_once_per_pass_in_a_new_order():
+    passes = [[data_point(7, n, 8) for n in range(p * 8, (p + 1) * 8)] for p in range(3)]
+    assert all(sorted(p) == list(range(8)) for p in passes)
+    assert passes[0] != passes[1] != passes[2]
+    assert passes == [[data_point(7, n, 8) for n in range(p * 8, (p + 1) * 8)] for p in range(3)]
+
+
+def test_adaptive_thresholds_and_visits():
+    state = AdaptiveState.empty(4, [3, 3])
+    ids = torch.tensor([0, 1, 2, 3])
+    inf = float("inf")
+    assert state.due(ids, torch.full((4,), inf), 2, 5).all()  # no code yet: every example is searched
+    state.update(ids, torch.ones(4, dtype=torch.bool), torch.tensor([10, 11, 12, 13]), torch.ones(4, 2, dtype=torch.long),
+                 torch.full((4,), inf), torch.tensor([1.0, 2.0, 3.0, 4.0]), shrink=0.5)
+    assert state.thresholds.tolist() == [0.5, 1.0, 1.5, 2.0] and state.visits.tolist() == [0, 0, 0, 0]
+    current = torch.tensor([0.4, 1.5, 1.0, 9.0])  # examples 0 and 2 beat their thresholds, 1 and 3 do not
+    assert state.due(ids, current, 2, 5).tolist() == [False] * 4  # but only one visit has passed
+    state.visits[:] = 1
+    assert state.due(ids, current, 2, 5).tolist() == [True, False, True, False]
+    state.visits[3] = 4
+    assert state.due(ids, current, 2, 5).tolist() == [True, False, True, True]  # the fifth visit: searched anyway
+    searched = torch.tensor([True, False, True, True])
+    state.update(ids, searched, torch.tensor([20, 21, 22, 23]), torch.zeros(4, 2, dtype=torch.long), current,
+                 torch.zeros(4), shrink=0.5)
+    assert state.seeds.tolist() == [20, 11, 22, 23] and state.visits.tolist() == [0, 2, 0, 0]
+    assert state.thresholds.tolist() == pytest.approx([0.2, 1.0, 0.5, 4.5])  # (1 - shrink) x the distance reached before
+
+
+def test_adaptive_search_keeps_codes_until_they_are_due():
+    config = tiny_config("super-resolution", "train.examples=4", "train.round_size=4", "search.adaptive=true",
+                         "search.adaptive_min_visits=2", "search.adaptive_max_visits=2")
+    dataset = training_set(config)
+    torch.manual_seed(0)
+    generator = Generator(config.model)
+    distance = Distance(LPIPS("alex"))
+    state = AdaptiveState.empty(4, config.search.samples_per_level)
+    results = []
+    for number in range(3):  # three passes over the four examples
+        batch = draw_round(config, dataset, number, torch.device("cpu"))
+        result = search_round(config, generator, distance, batch, adaptive=state)
+        results.append(dict(zip(batch.ids.tolist(), result.seeds.tolist())))
+    assert results[1] == results[0]  # second visit: every code kept (the weights did not change: none beat 0.96 d)
+    assert all(results[2][i] != results[1][i] for i in range(4))  # third: the visit limit, all searched again
+    assert state.visits.tolist() == [0, 0, 0, 0]
+
+
+def test_adaptive_run_resumes_exactly(tmp_path):
+    settings = ["train.rounds=4", "train.round_size=4", "train.steps_per_round=3", "train.checkpoint_every=2",
+                "train.examples=8", "search.adaptive=true", "search.adaptive_min_visits=1",
+                "search.adaptive_max_visits=2"]
+    whole = tmp_path / "whole"
+    train(tiny_config("super-resolution", *settings), whole)
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "chimle", "train", "--preset", "tiny", "--out", str(killed),
+               *[f"-o{s}" for s in settings]]
+    env = {**os.environ, CRASH_VARIABLE: "step:7", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    train(tiny_config("super-resolution", *settings), killed, resume=True)
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (load_state(sorted(r.glob("state-*.pt"))[-1])["adaptive"] for r in (whole, killed))
+    assert all(torch.equal(sa[k], sb[k]) for k in ("seeds", "winners", "thresholds", "visits"))

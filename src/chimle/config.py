@@ -73,6 +73,10 @@ class SearchConfig:
     rescore: int = 4  # with bfloat16: each example's nearest candidates re-judged in float32 at every level
     zero_codes: bool = False  # regression baseline: no search, every code zero (same network, same loss)
     reject_below: list[float] = field(default_factory=list)  # RS-IMLE: per level, candidates nearer than this are rejected; [] or 0 = off (paper: off)
+    adaptive: bool = False  # adaptive IMLE: keep an example's code until training has pulled it within its threshold (needs train.examples)
+    adaptive_shrink: float = 0.04  # adaptive IMLE: a new threshold is (1 - this) x the distance reached (AdaIMLE: 0.04)
+    adaptive_min_visits: int = 7  # adaptive IMLE: visits before a code whose distance beat its threshold is searched again (AdaIMLE: 7)
+    adaptive_max_visits: int = 30  # adaptive IMLE: visits after which a code is searched again regardless (AdaIMLE: 30)
 
 
 @dataclass
@@ -81,6 +85,7 @@ class TrainConfig:
     steps_per_round: int = 10_000  # optimisation steps with those codes fixed, a "day" (paper: 10,000)
     passes: int = 20  # passes over the training data (paper: 20)
     rounds: int = 0  # rounds to train whatever the data size; 0 = as many as `passes` passes need (paper: 0)
+    examples: int = 0  # a fixed set of this many training crops, each visited once per pass; 0 = a new crop every time (paper: 0)
     batch_size: int = 1  # examples per optimisation step (paper: 1)
     lr: float = 1e-4  # Adam learning rate (paper: 1e-4, constant)
     schedule: str = "constant"  # learning-rate schedule over the run: constant (paper) | cosine (down to lr_final x lr)
@@ -286,6 +291,13 @@ def validate(config: Config) -> None:
         problems.append(f"search.precision={s.precision!r} must be 'float32' or 'bfloat16'")
     if s.reject_below and (len(s.reject_below) not in (1, m.levels) or any(not v >= 0 for v in s.reject_below)):
         problems.append(f"search.reject_below={s.reject_below} needs one value >= 0, or one per level ({m.levels})")
+    if s.adaptive and (not t.examples or s.flat or s.zero_codes):
+        problems.append("search.adaptive needs a fixed set of examples (train.examples > 0) and the hierarchical search")
+    if not 0 <= s.adaptive_shrink < 1 or not 1 <= s.adaptive_min_visits <= s.adaptive_max_visits:
+        problems.append(f"search.adaptive_shrink={s.adaptive_shrink} must be in [0, 1) and 1 <= adaptive_min_visits="
+                        f"{s.adaptive_min_visits} <= adaptive_max_visits={s.adaptive_max_visits}")
+    if t.examples < 0 or t.examples % t.round_size:
+        problems.append(f"train.examples={t.examples} must be 0 or a multiple of train.round_size={t.round_size}")
     if s.rescore < 0:
         problems.append(f"search.rescore={s.rescore} must be >= 0")
     if t.rounds < 0:

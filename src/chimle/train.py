@@ -40,11 +40,12 @@ from chimle.checkpoint import (MODEL_FILE, CheckpointError, CorruptCheckpointErr
                                check_state, crash_point, disk_errors, save_model)
 from chimle.config import Config, ConfigError, TrainConfig, from_dict
 from chimle.data import ImageFolder, PairedFolder, builtin_photos, seeded
+from chimle.adaptive import AdaptiveState, data_point
 from chimle.ema import WeightAverage
 from chimle.generator import Generator, initialise
 from chimle.perceptual import LPIPS, Distance
 from chimle.distributed import World
-from chimle.search import SearchResult, codes_from, flat_search, hierarchical_search, per_level
+from chimle.search import SearchResult, codes_from, fixed_weights, flat_search, hierarchical_search, per_level
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before training stops
 
@@ -54,6 +55,7 @@ class Round:
     """The examples of one round and their searched codes."""
 
     number: int
+    ids: torch.Tensor  # (round_size,) which examples: their numbers, or with train.examples their place in the set
     inputs: list[torch.Tensor]  # input pyramid of all examples
     targets: list[torch.Tensor]  # target pyramid of all examples
     weights: list[torch.Tensor] | None = None  # per-pixel loss weights per level (layout rebalancing), or None
@@ -61,10 +63,10 @@ class Round:
 
 
 def total_rounds(config: Config, dataset_size: int) -> int:
-    """`train.rounds`, or enough rounds for `train.passes` passes over the data."""
+    """`train.rounds`, or enough rounds for `train.passes` passes over the data (or the fixed set of examples)."""
     if config.train.rounds:
         return config.train.rounds
-    return max(1, math.ceil(config.train.passes * dataset_size / config.train.round_size))
+    return max(1, math.ceil(config.train.passes * (config.train.examples or dataset_size) / config.train.round_size))
 
 
 def training_set(config: Config) -> ImageFolder:
@@ -90,9 +92,13 @@ def training_set(config: Config) -> ImageFolder:
 
 
 def draw_round(config: Config, dataset: ImageFolder, number: int, device: torch.device) -> Round:
-    """The examples of round `number`: example numbers number*R .. number*R+R-1 of the run's sequence."""
-    size = config.train.round_size
-    examples = [dataset.example(config.train.seed, number * size + i) for i in range(size)]
+    """The examples of round `number`: example numbers number*R .. number*R+R-1 of the run's sequence, or with
+    `train.examples` the examples of the fixed set that those numbers visit (chimle.adaptive.data_point)."""
+    t = config.train
+    ids = torch.arange(number * t.round_size, (number + 1) * t.round_size)
+    if t.examples:
+        ids = torch.tensor([data_point(t.seed, int(n), t.examples) for n in ids])
+    examples = [dataset.example(t.seed, int(i)) for i in ids]
     images = torch.stack([e.image for e in examples])
     sources = torch.stack([e.source for e in examples]) if examples[0].source is not None else None
     inputs, targets = tasks.get(config.task).pair(images, config, sources)
@@ -100,14 +106,15 @@ def draw_round(config: Config, dataset: ImageFolder, number: int, device: torch.
     if examples[0].weight is not None:
         weights = [w.to(device) for w in tasks.pyramid(torch.stack([e.weight for e in examples]),
                                                         config.model.levels, mode="nearest")]
-    return Round(number, [x.to(device) for x in inputs], [y.to(device) for y in targets], weights)
+    return Round(number, ids, [x.to(device) for x in inputs], [y.to(device) for y in targets], weights)
 
 
 def search_round(config: Config, generator: Generator, distance: Distance, batch: Round,
-                 world: World = World()) -> SearchResult:
+                 world: World = World(), adaptive: AdaptiveState | None = None) -> SearchResult:
     """Choose every example's code (hierarchical, or flat cIMLE if configured). Each process searches its block
     of the round; every process gets the whole round's result. An example's pool seed depends on its number
-    only, so the result does not depend on the number of processes."""
+    only, so the result does not depend on the number of processes. With adaptive IMLE, examples whose code is
+    kept are not searched and `adaptive` records the visit."""
     seeds = torch.randint(0, 2**62, (config.train.round_size,), generator=seeded(config.train.seed, 3, batch.number))
     share = config.train.round_size // world.size
     mine = slice(world.rank * share, (world.rank + 1) * share)
@@ -115,6 +122,11 @@ def search_round(config: Config, generator: Generator, distance: Distance, batch
     task, s = tasks.get(config.task), config.search
     generator.eval()
     dtype = torch.bfloat16 if s.precision == "bfloat16" else None
+
+    def search(x, y, pool_seeds):
+        return hierarchical_search(generator, distance, task, x, y, pool_seeds, s.samples_per_level, s.max_batch,
+                                   dtype, rescore=s.rescore, reject_below=s.reject_below)
+
     if s.zero_codes:  # the regression baseline searches nothing; its codes are set to zero in _train_round
         levels = config.model.levels
         result = SearchResult(seeds, torch.zeros(len(seeds), levels, dtype=torch.long), [1] * levels,
@@ -123,12 +135,57 @@ def search_round(config: Config, generator: Generator, distance: Distance, batch
         size = s.flat_samples or sum(s.samples_per_level)
         result = flat_search(generator, distance, task, inputs, targets, seeds, size, s.max_batch, dtype,
                              reject_below=per_level(s.reject_below, config.model.levels)[-1])
+    elif adaptive is not None:
+        result, due, before = _search_adaptive(config, generator, distance, inputs, targets, seeds,
+                                               batch.ids[mine], adaptive, search)
     else:
-        result = hierarchical_search(generator, distance, task, inputs, targets, seeds, s.samples_per_level,
-                                     s.max_batch, dtype, rescore=s.rescore, reject_below=s.reject_below)
+        result = search(inputs, targets, seeds)
     crash_point("search")
-    return SearchResult(distributed.gather_rows(result.seeds), distributed.gather_rows(result.winners),
-                        result.pool_sizes, distributed.gather_rows(result.distances))
+    result = SearchResult(distributed.gather_rows(result.seeds), distributed.gather_rows(result.winners),
+                          result.pool_sizes, distributed.gather_rows(result.distances))
+    if adaptive is not None:
+        adaptive.update(batch.ids, distributed.gather_rows(due), result.seeds, result.winners,
+                        distributed.gather_rows(before), result.distances.sum(1), s.adaptive_shrink)
+    return result
+
+
+def _search_adaptive(config: Config, generator: Generator, distance: Distance, inputs, targets, fresh, ids,
+                     adaptive: AdaptiveState, search) -> tuple[SearchResult, torch.Tensor, torch.Tensor]:
+    """Adaptive IMLE on a block of examples (chimle.adaptive): measure the distance of every kept code, search
+    the examples that are due (in pools seeded `fresh`), keep the others' codes. Returns the block's result,
+    which examples were searched, and the distances (summed over levels) their codes had before, +inf where
+    they had none."""
+    s, levels = config.search, config.model.levels
+    has = adaptive.has_code(ids)
+    distances = torch.full((len(ids), levels), float("inf"))
+    if has.any():
+        kept = SearchResult(adaptive.seeds[ids[has]], adaptive.winners[ids[has]], adaptive.pool_sizes, distances[has])
+        part = [x[has.to(x.device)] for x in inputs]
+        codes = codes_from(kept, generator.code_sizes(generator.start([x[:1] for x in part])), part[0].device)
+        distances[has] = code_distances(generator, distance, tasks.get(config.task), part,
+                                        [y[has.to(y.device)] for y in targets], codes, s.max_batch)
+    before = distances.sum(1)
+    due = adaptive.due(ids, before, s.adaptive_min_visits, s.adaptive_max_visits)
+    seeds, winners = adaptive.seeds[ids].clone(), adaptive.winners[ids].clone()
+    if due.any():
+        index = due.to(inputs[0].device)
+        found = search([x[index] for x in inputs], [y[index] for y in targets], fresh[due])
+        seeds[due], winners[due], distances[due] = found.seeds, found.winners, found.distances
+    return SearchResult(seeds, winners, list(s.samples_per_level), distances), due, before
+
+
+@torch.no_grad()
+def code_distances(generator: Generator, distance: Distance, task: tasks.Task, inputs: list[torch.Tensor],
+                   targets: list[torch.Tensor], codes: list[torch.Tensor], max_batch: int) -> torch.Tensor:
+    """Each example's distance to its target at every level with the given codes: (N, levels), on the CPU."""
+    rows = []
+    with fixed_weights(generator, inputs[0].device):
+        for first in range(0, inputs[0].shape[0], max_batch):
+            part = [x[first : first + max_batch] for x in inputs]
+            raw = generator(part, [c[first : first + max_batch] for c in codes])
+            rows.append(torch.stack([distance(task.image(r, part, level), targets[level][first : first + max_batch])
+                                     for level, r in enumerate(raw)], dim=1).cpu())
+    return torch.cat(rows).float()
 
 
 def batch_indices(config: Config, step_in_round: int, world: World = World()) -> torch.Tensor:
@@ -296,6 +353,7 @@ class Run:
     world: World = World()  # this process among the run's processes
     average: WeightAverage | None = None  # the moving average of the weights (train.ema), or None
     on_save: Callable[[int, Path], None] | None = None  # called with (step, model file) after each model save
+    adaptive: AdaptiveState | None = None  # adaptive IMLE's per-example codes and thresholds (search.adaptive)
     bar: tqdm | None = None
     bad_steps: int = 0  # consecutive non-finite losses
 
@@ -336,6 +394,8 @@ def train(config: Config, out: str | Path, resume: bool = False, device: str | N
     run = Run(config, files, generator, distance, make_optimizer(config, generator),
               total_rounds(config, len(dataset)), world, WeightAverage(generator, t.ema) if t.ema else None,
               on_save if world.is_main else None)
+    if config.search.adaptive:
+        run.adaptive = AdaptiveState.empty(t.examples, config.search.samples_per_level)
     step, search = 0, None
     if state is not None:
         step, search = _restore(run, state)
@@ -375,6 +435,8 @@ def _restore(run: Run, state: dict) -> tuple[int, SearchResult | None]:
     run.generator.load_state_dict(state["generator"])
     if run.average is not None:
         run.average.load_state_dict(state["average"] if state.get("average") is not None else state["generator"])
+    if run.adaptive is not None and state.get("adaptive") is not None:
+        run.adaptive = AdaptiveState.from_state(state["adaptive"])
     try:
         run.optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, RuntimeError) as error:
@@ -391,11 +453,13 @@ def _search(run: Run, batch: Round, step: int) -> SearchResult:
     t = run.config.train
     run.bar.set_description(f"round {batch.number + 1}/{run.rounds} search")
     started = time.perf_counter()
-    search = search_round(run.config, run.generator, run.distance, batch, run.world)
+    search = search_round(run.config, run.generator, run.distance, batch, run.world, run.adaptive)
     seconds = time.perf_counter() - started
     run.files.metrics({"event": "search", "round": batch.number, "step": step, "seconds": round(seconds, 3),
                        "examples_per_second": round(t.round_size / seconds, 3),
-                       "distance_per_level": search.distances.mean(0).tolist()})
+                       "distance_per_level": search.distances.mean(0).tolist(),
+                       **({} if run.adaptive is None else
+                          {"searched": int((run.adaptive.visits[batch.ids] == 0).sum())})})
     run.files.save_state(_state(run, step, search), step, t.keep_checkpoints)
     return search
 
@@ -475,6 +539,7 @@ def _state(run: Run, step: int, search: SearchResult | None) -> dict:
         "processes": run.world.size,
         "generator": {k: v.detach().cpu() for k, v in run.generator.state_dict().items()},
         "average": None if run.average is None else run.average.state_dict(),
+        "adaptive": None if run.adaptive is None else run.adaptive.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "search": _search_state(search),
     }
