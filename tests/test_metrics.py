@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from chimle import weights
-from chimle.metrics import diversity, fid
+from chimle.metrics import diversity, fid, manifold
 from chimle.metrics.image import batched, gaussian_window, psnr, ssim
 from chimle.metrics.inception import preprocess, tf_bilinear_matrix
 from chimle.perceptual import LPIPS
@@ -251,3 +251,82 @@ def test_inception_features_batching():
     extract.batch = 2
     assert np.abs(features - extract(images)).max() < 1e-5
     assert fid.small_sample_warning(3, 3) is not None and fid.small_sample_warning(5000, 2048) is None
+
+
+# Precision, recall, density, coverage ----------------------------------------------------------------------------
+
+def loop_prdc(real, fake, k_pr, k_dc):
+    """The four definitions written out point by point (Kynkäänniemi et al. 2019, Naeem et al. 2020)."""
+    def distance(a, b):
+        return math.sqrt(sum((float(x) - float(y)) ** 2 for x, y in zip(a, b)))
+
+    def kth_neighbour(points, i, k):
+        return sorted(distance(points[i], q) for j, q in enumerate(points) if j != i)[k - 1]
+
+    def inside(point, centres, radii):
+        return [distance(point, c) <= r for c, r in zip(centres, radii)]
+
+    real_pr = [kth_neighbour(real, i, k_pr) for i in range(len(real))]
+    fake_pr = [kth_neighbour(fake, j, k_pr) for j in range(len(fake))]
+    real_dc = [kth_neighbour(real, i, k_dc) for i in range(len(real))]
+    precision = sum(any(inside(y, real, real_pr)) for y in fake) / len(fake)
+    recall = sum(any(inside(x, fake, fake_pr)) for x in real) / len(real)
+    density = sum(sum(inside(y, real, real_dc)) for y in fake) / (k_dc * len(fake))
+    coverage = sum(any(distance(x, y) <= r for y in fake) for x, r in zip(real, real_dc)) / len(real)
+    return {"precision": precision, "recall": recall, "density": density, "coverage": coverage}
+
+
+def test_prdc_hand_worked():
+    # Real 0, 1, 2, 4 with k = 1: balls of radius 1, 1, 1, 2. Generated 0.5, 3, 7: balls of radius 2.5, 2.5, 4.
+    real, fake = np.array([[0.0], [1], [2], [4]]), np.array([[0.5], [3], [7]])
+    # 0.5 lies in the balls of 0 and 1, 3 in those of 2 and 4, 7 in none: precision 2/3, density 4 / (1 x 3);
+    # every real ball holds a generated point (coverage 1) and every real point is within 2.5 of 0.5 or 3.
+    assert manifold.prdc(real, fake, 1, 1) == pytest.approx(
+        {"precision": 2 / 3, "recall": 1.0, "density": 4 / 3, "coverage": 1.0})
+    # k = 2: the second nearest other point of 0, 1, 2, 4 is 2, 1, 2, 3 away (radii are kept squared).
+    assert manifold.radii(real, 2).tolist() == [4.0, 1.0, 4.0, 9.0]
+    # Balls are closed: 3 lies on the ball of 2 (radius 1) and inside that of 4 (radius 2).
+    assert manifold.density_coverage(real, np.array([[3.0]]), 1) == (2.0, 0.5)
+
+
+@pytest.mark.parametrize("n, m, d", [(30, 40, 5), (25, 12, 3)])
+def test_prdc_matches_a_direct_loop(n, m, d):
+    rng = np.random.default_rng(n)
+    real, fake = rng.normal(size=(n, d)), rng.normal(0.3, 1.2, size=(m, d))
+    assert manifold.prdc(real, fake, 3, 5) == pytest.approx(loop_prdc(real, fake, 3, 5), abs=1e-12)
+    assert manifold.prdc(real, fake, 2, 2) == pytest.approx(loop_prdc(real, fake, 2, 2), abs=1e-12)
+
+
+def test_prdc_blocks_give_the_same_numbers(monkeypatch):
+    rng = np.random.default_rng(3)
+    real, fake = rng.normal(size=(50, 8)), rng.normal(size=(70, 8))
+    whole = manifold.prdc(real, fake)
+    monkeypatch.setattr(manifold, "BLOCK_BYTES", 8 * 70 * 3)  # blocks of 3 rows
+    assert manifold.prdc(real, fake) == whole
+
+
+def test_prdc_of_a_set_with_itself_and_with_a_collapsed_set():
+    rng = np.random.default_rng(4)
+    real = random_features(200, 16, seed=6)
+    same = manifold.prdc(real, real)
+    # Every point lies in its own ball (precision, recall, coverage 1) and in those of its k nearest neighbours.
+    assert same == pytest.approx({"precision": 1, "recall": 1, "density": 6 / 5, "coverage": 1}, abs=1e-12)
+    # Duplicated points: ties, settled as inside (closed balls) whatever the rounding of each distance.
+    doubled = np.concatenate([real, real])
+    assert manifold.prdc(doubled, doubled)["precision"] == 1.0
+    collapsed = np.repeat(real[rng.integers(200)][None], 50, axis=0)
+    c = manifold.prdc(real, collapsed)
+    assert c["precision"] == 1.0 and c["recall"] == 1 / 200 and c["coverage"] < 0.05
+    # Two samples of one distribution: density ~1, coverage ~1 - 2^-5 (Naeem et al. 2020, section 3.2).
+    a, b = rng.normal(size=(2000, 4)), rng.normal(size=(2000, 4))
+    density, coverage = manifold.density_coverage(a, b)
+    assert density == pytest.approx(1.0, abs=0.05) and coverage == pytest.approx(1 - 2**-5, abs=0.02)
+
+
+def test_prdc_input_errors():
+    with pytest.raises(ValueError, match="at least 4 images"):
+        manifold.prdc(np.zeros((10, 3)), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="at least 6 images"):
+        manifold.density_coverage(np.zeros((5, 3)), np.zeros((10, 3)))
+    with pytest.raises(ValueError, match="different dimensions"):
+        manifold.prdc(np.zeros((10, 3)), np.zeros((10, 4)))
