@@ -13,7 +13,7 @@ from PIL import Image
 from chimle import weights
 from chimle.metrics import diversity, fid, manifold
 from chimle.metrics.image import batched, gaussian_window, psnr, ssim
-from chimle.metrics.inception import preprocess, tf_bilinear_matrix
+from chimle.metrics.inception import clean_resize, pil_bicubic_matrix, preprocess, tf_bilinear_matrix
 from chimle.perceptual import LPIPS
 
 
@@ -112,6 +112,42 @@ def test_preprocess_resizes_like_tf():
     expected = 255 * torch.clamp(torch.arange(299) * (2 / 299), max=1.0)
     assert torch.allclose(out[0, 0, 0], expected, atol=1e-3)
     assert out[0, 0, 0, 0] == 0 and out[0, 0, -1, -1] < 1e-3
+
+
+# The clean-fid resize ---------------------------------------------------------------------------------------------
+
+def test_pil_bicubic_matrix_hand_worked():
+    # Enlarging 2 -> 4: output 0 is centred at 0.25; Keys' kernel (a = -0.5) gives pixel 0 the weight
+    # k(0.25) = 0.8671875 and pixel 1 k(1.25) = -0.0703125, renormalised over the two: 37/34 and -3/34.
+    m = pil_bicubic_matrix(2, 4)
+    assert m[0].tolist() == pytest.approx([37 / 34, -3 / 34], abs=1e-15)
+    assert torch.allclose(m.flip(0).flip(1), m)  # symmetric about the centre
+    # Shrinking 8 -> 2 stretches the kernel x4 (anti-aliasing): every input pixel contributes.
+    assert (pil_bicubic_matrix(8, 2).abs() > 0).all()
+    assert torch.allclose(pil_bicubic_matrix(600, 299).sum(1), torch.ones(299, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("height, width", [(37, 23), (400, 350), (299, 180), (1000, 640)])
+def test_clean_resize_matches_pillow(height, width):
+    """clean-fid's recipe done with Pillow itself: every channel as a 32-bit float image, BICUBIC to 299 x 299,
+    clipped to [0, 255]."""
+    image = np.random.default_rng(height).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    expected = np.stack([np.asarray(Image.fromarray(image[:, :, c].astype(np.float32)).resize(
+        (299, 299), resample=Image.BICUBIC)).clip(0, 255) for c in range(3)])
+    ours = clean_resize(torch.from_numpy(image).permute(2, 0, 1)[None].float())[0]
+    assert ours.dtype == torch.float32 and ours.shape == (3, 299, 299)
+    assert np.abs(ours.numpy() - expected).max() <= 1e-4  # 255 x float32 epsilon at most
+    levels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    assert torch.allclose(preprocess(levels, resize="clean") * 128 + 128, ours[None], atol=1e-4)
+
+
+def test_clean_and_tf_resizes_differ_when_shrinking():
+    stripes = torch.zeros(1, 3, 598, 598)
+    stripes[..., 1::2] = 1.0  # one-pixel stripes, halved: TF's bilinear samples the even (black) columns only,
+    tf, clean = preprocess(stripes, "tf") * 128 + 128, preprocess(stripes, "clean") * 128 + 128
+    assert tf.max() == 0 and (clean[..., 2:-2] - 127.5).abs().max() < 1  # the anti-aliased filter: grey (edges aside)
+    with pytest.raises(ValueError, match="unknown FID resize"):
+        preprocess(stripes, "bilinear")
 
 
 # PSNR and SSIM ---------------------------------------------------------------------------------------------------
