@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from chimle import weights
-from chimle.metrics import diversity, fid, manifold
+from chimle.metrics import conditional, diversity, fid, manifold
 from chimle.metrics.image import batched, gaussian_window, psnr, ssim
 from chimle.metrics.inception import clean_resize, pil_bicubic_matrix, preprocess, tf_bilinear_matrix
 from chimle.perceptual import LPIPS
@@ -366,3 +366,43 @@ def test_prdc_input_errors():
         manifold.density_coverage(np.zeros((5, 3)), np.zeros((10, 3)))
     with pytest.raises(ValueError, match="different dimensions"):
         manifold.prdc(np.zeros((10, 3)), np.zeros((10, 4)))
+
+
+# Conditional scores ----------------------------------------------------------------------------------------------
+
+def test_consistent_share_and_diversity_hand_worked():
+    psnr_again = torch.tensor([50.0, 44.9, 45.0, 60.0])  # dB: the samples degraded again against the input
+    ok = conditional.consistent(psnr_again, 45.0, higher_is_better=True)
+    assert ok.tolist() == [True, False, True, True]  # the bound itself is consistent
+    assert conditional.consistent(torch.tensor([1.0, 2.3, 2.4]), 2.3, higher_is_better=False).tolist() == [
+        True, True, False]
+    # Pairs in torch.combinations order: (0,1) (0,2) (0,3) (1,2) (1,3) (2,3); samples 0, 2, 3 are consistent.
+    pairs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert conditional.consistent_diversity(pairs, ok) == pytest.approx((0.2 + 0.3 + 0.6) / 3)
+    assert conditional.consistent_diversity(pairs, torch.tensor([False, True, False, False])) is None
+
+
+def test_consecutive_pairs():
+    mask = diversity.consecutive_pairs(4, 3)  # (0,1) (1,2) (2,3) among the 6 pairs of 4 samples
+    assert mask.tolist() == [True, False, False, True, False, True]
+    assert diversity.consecutive_pairs(20, 19).sum() == 19
+    with pytest.raises(ValueError, match="at least 5 samples"):
+        diversity.consecutive_pairs(4, 4)
+
+
+def test_fjd_sees_outputs_that_belong_to_another_input():
+    rng = np.random.default_rng(7)
+    inputs = rng.normal(size=(400, 6))
+    images = inputs @ rng.normal(size=(6, 6)) + 0.3 * rng.normal(size=(400, 6))  # images follow their inputs
+    # The same images given to the wrong inputs: FID sees nothing, FJD does.
+    shuffled = rng.permutation(400)
+    assert fid.fid(images, images[shuffled]) == pytest.approx(0, abs=1e-9)
+    right, alpha = conditional.fjd(images, inputs, images, inputs)
+    wrong, _ = conditional.fjd(images, inputs, images[shuffled], inputs)
+    assert right == pytest.approx(0, abs=1e-9) and wrong > 1
+    # α makes the input half as large as the image half; FJD is FID on the concatenation.
+    assert alpha == pytest.approx(np.linalg.norm(images, axis=1).mean() / np.linalg.norm(inputs, axis=1).mean())
+    joint = np.concatenate([images, alpha * inputs], 1)
+    assert wrong == pytest.approx(fid.fid(joint, np.concatenate([images[shuffled], alpha * inputs], 1)), rel=1e-12)
+    with pytest.raises(ValueError, match="one input per image"):
+        conditional.fjd(images, inputs[:3], images, inputs)
