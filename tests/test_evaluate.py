@@ -14,6 +14,7 @@ from chimle.data import DataError, builtin_photos, list_images, load_image
 from chimle.evaluate import Options, Scorer, consistency, crop_boxes, evaluate_samples, samples_by_stem, scores
 from chimle.generator import Generator
 from chimle.metrics import manifold
+from chimle.metrics.plot import per_input_points
 from chimle.sample import Model
 from conftest import randomize, tiny_config
 
@@ -126,6 +127,9 @@ def test_evaluate_model_then_its_saved_samples(tmp_path, capsys):
     # Bicubic up then down is nearly the input; a random generator's output is not.
     assert methods["baseline"]["consistency_mean"] > max(20, m["consistency_mean"] + 5)
     assert len(report["per_input"]["photo0"]["model"]["lpips"]) == 3
+    points, row = per_input_points(report), report["per_input"]["photo0"]
+    assert points["model"][0] == (min(row["model"]["lpips"]), row["model"]["diversity_lpips"])
+    assert points["baseline"][0] == (row["baseline"]["lpips"][0], 0.0)  # one output: no diversity
 
     # The saved samples, scored as another method's would be, give the same numbers.
     assert len(list((saved / "samples").iterdir())) == 6
