@@ -353,7 +353,7 @@ def test_prdc_of_a_set_with_itself_and_with_a_collapsed_set():
     collapsed = np.repeat(real[rng.integers(200)][None], 50, axis=0)
     c = manifold.prdc(real, collapsed)
     assert c["precision"] == 1.0 and c["recall"] == 1 / 200 and c["coverage"] < 0.05
-    # Two samples of one distribution: density ~1, coverage ~1 - 2^-5 (Naeem et al. 2020, section 3.2).
+    # Two samples of one distribution: density ~1, coverage ~1 - 2^-5 (the expected values Naeem et al. 2020 derive).
     a, b = rng.normal(size=(2000, 4)), rng.normal(size=(2000, 4))
     density, coverage = manifold.density_coverage(a, b)
     assert density == pytest.approx(1.0, abs=0.05) and coverage == pytest.approx(1 - 2**-5, abs=0.02)

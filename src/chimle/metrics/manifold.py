@@ -17,10 +17,11 @@ whose radius is the distance to its k-th nearest *other* point of the same set (
   Fidelity and Diversity Metrics for Generative Models", ICML 2020. Both use only the real balls, so a few
   generated outliers, whose balls are large, cannot inflate them as they inflate recall.
 
-For two samples of one distribution, density is about 1 and coverage about 1 - 2^-k (0.97 at k = 5) (Naeem et
-al., §3.2); a set against itself scores precision = recall = coverage = 1 and density = (k + 1) / k (every
-point lies in its own ball and in the balls of its k nearest neighbours). A generated set of one image repeated
-has balls of radius 0: recall and coverage near 0 however realistic the image.
+For two samples of one distribution, density is about 1 and coverage about 1 - 2^-k (0.97 at k = 5), as Naeem et al.
+derive; a set against itself scores precision = recall = coverage = 1 and density = (k + 1) / k (every ball
+holds its centre and k neighbours). A generated set of one real image repeated has balls of radius 0 and
+precision 1: its recall is 1/N (it reaches only that image) and its coverage, the share of real balls that
+hold that image, is (k + 1) / N on average over which image is repeated.
 
 Exact: distances are computed in float64 between all pairs, a block of rows at a time (no approximate index).
 Balls are closed, as Kynkäänniemi et al. define them: a point at exactly the radius is inside, and distances
