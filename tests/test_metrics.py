@@ -345,7 +345,7 @@ def test_prdc_of_a_set_with_itself_and_with_a_collapsed_set():
     rng = np.random.default_rng(4)
     real = random_features(200, 16, seed=6)
     same = manifold.prdc(real, real)
-    # Every point lies in its own ball (precision, recall, coverage 1) and in those of its k nearest neighbours.
+    # Every point lies in its own ball (precision, recall, coverage 1); every ball holds its centre and k others.
     assert same == pytest.approx({"precision": 1, "recall": 1, "density": 6 / 5, "coverage": 1}, abs=1e-12)
     # Duplicated points: ties, settled as inside (closed balls) whatever the rounding of each distance.
     doubled = np.concatenate([real, real])
