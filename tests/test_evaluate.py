@@ -167,6 +167,8 @@ def test_external_samples_without_task_or_inputs(tmp_path, capsys):
                "--out", str(out), "--device", "cpu", "--fid-resize", "clean"]
     assert main([*command, "--diversity-pairs", "2"]) == 2
     assert "--diversity-pairs 2 needs at least 3 samples per input" in capsys.readouterr().err
+    assert main([*command, "--consistency-tolerance", "nan"]) == 2
+    assert "must be a finite number" in capsys.readouterr().err
     assert main([*command, "--diversity-pairs", "1"]) == 0
     report = json.loads(out.read_text())
     assert list(report["methods"]) == ["samples"] and report["protocol"]["baseline"] is None

@@ -194,12 +194,12 @@ TOLERANCE = {
 def tolerance(task: tasks.Task | None, options: Options) -> tuple[float, bool, str] | None:
     """The consistency rule of a task (with --consistency-tolerance as its bound), or None where the task has no
     degradation to measure consistency with."""
+    if options.consistency_tolerance is not None and not math.isfinite(options.consistency_tolerance):
+        raise ConfigError(f"--consistency-tolerance must be a finite number, got {options.consistency_tolerance}")
     if task is None or task.name not in TOLERANCE:
         return None
     bound, higher, why = TOLERANCE[task.name]
     if options.consistency_tolerance is not None:
-        if not math.isfinite(options.consistency_tolerance):
-            raise ConfigError(f"--consistency-tolerance must be a finite number, got {options.consistency_tolerance}")
         bound = options.consistency_tolerance
         why = f"{'at least' if higher else 'at most'} {bound} (set by --consistency-tolerance)"
     return bound, higher, why
