@@ -10,9 +10,11 @@ from PIL import Image
 from chimle import tasks
 from chimle.checkpoint import save_model
 from chimle.cli import main
-from chimle.data import DataError
-from chimle.evaluate import Options, consistency, crop_boxes, evaluate_samples, samples_by_stem
+from chimle.data import DataError, builtin_photos, list_images, load_image
+from chimle.evaluate import Options, Scorer, consistency, crop_boxes, evaluate_samples, samples_by_stem, scores
 from chimle.generator import Generator
+from chimle.metrics import manifold
+from chimle.metrics.plot import per_input_points
 from chimle.sample import Model
 from conftest import randomize, tiny_config
 
@@ -94,11 +96,18 @@ def test_evaluate_model_then_its_saved_samples(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr()
     assert "| model (3 samples) |" in printed.out and "FID from 2 real images" in printed.err
+    assert "precision and recall need more than 3 images" in printed.err  # 2 targets: too few for k = 3
     report = json.loads(out.with_suffix(".json").read_text())
-    assert out.with_suffix(".md").read_text().startswith("# chimle evaluation")
+    md = out.with_suffix(".md").read_text()
+    assert md.startswith("# chimle evaluation") and "| precision ↑ | recall ↑ |" in md and "](report.png)" in md
+    with Image.open(out.with_suffix(".png")) as plot:
+        assert plot.size == (1040, 448)
     p, methods = report["protocol"], report["methods"]
     assert p["samples_per_input"] == 3 and p["targets"] == 2 and p["seed"] == 2 and p["task"] == "super-resolution"
     assert "ResizeBilinear" in p["fid"]["resize"] and len(p["fid"]["weights_sha256"]) == 64
+    assert p["fid"]["resize_mode"] == "tf" and p["manifold"]["precision_recall_k"] == 3
+    assert p["manifold"]["density_coverage_k"] == 5 and p["manifold"]["real_images"] == 2
+    assert "45 dB" in p["consistent"]["rule"] and p["fjd"]["alpha"] > 0
     assert p["fid"]["real_images"] == 2 and p["fid"]["generated_images"] == {"model": 6, "zero_codes": 2, "baseline": 2}
     assert p["diversity"]["pairs_per_input"] == 3 and p["diversity"]["inputs"] == 2
     assert p["fwv"]["distance"]["name"] == "lpips" and p["fwv"]["spread"]["name"] == "lpips"
@@ -109,20 +118,33 @@ def test_evaluate_model_then_its_saved_samples(tmp_path, capsys):
     assert m["diversity_lpips"] > 0 and m["lpips_best"] <= m["lpips_mean"] and m["psnr_best"] >= m["psnr_mean"]
     assert all(np.isfinite(m[k]) for k in ("fid", "fid_first_sample", "kid", "ssim_mean", "consistency_mean"))
     assert methods["zero_codes"]["diversity_lpips"] is None and methods["zero_codes"]["fwv"] is None
+    assert m["precision"] is None and np.isfinite(m["fjd"]) and np.isfinite(m["fjd_first_sample"])
+    # A random generator is not consistent with its input; bicubic up then down nearly is.
+    assert m["consistent_share"] == 0 and m["consistent_diversity"] is None
+    for rows in report["per_input"].values():  # consistent: at least 45 dB
+        assert rows["baseline"]["consistent"] == [value >= 45 for value in rows["baseline"]["consistency"]]
+    assert report["per_input"]["photo0"]["model"]["consistent"] == [False] * 3
     # Bicubic up then down is nearly the input; a random generator's output is not.
     assert methods["baseline"]["consistency_mean"] > max(20, m["consistency_mean"] + 5)
     assert len(report["per_input"]["photo0"]["model"]["lpips"]) == 3
+    points, row = per_input_points(report), report["per_input"]["photo0"]
+    assert points["model"][0] == (min(row["model"]["lpips"]), row["model"]["diversity_lpips"])
+    assert points["baseline"][0] == (row["baseline"]["lpips"][0], 0.0)  # one output: no diversity
 
     # The saved samples, scored as another method's would be, give the same numbers.
     assert len(list((saved / "samples").iterdir())) == 6
     again = evaluate_samples(saved / "samples", saved / "real", saved / "inputs", task="super-resolution",
-                             options=Options(lpips="alex", batch=2, device="cpu"))
+                             options=Options(lpips="alex", batch=2, device="cpu", consistency_tolerance=0.0))
     s = again["methods"]["samples"]
     assert again["protocol"]["samples_per_input"] == 3 and again["methods"]["baseline"]["label"] == "bicubic"
     assert s["fid"] == pytest.approx(m["fid"], rel=1e-6)  # Inception sees the same uint8 levels
     assert s["psnr_mean"] == pytest.approx(m["psnr_mean"], abs=0.05)  # PNG rounding
     assert s["diversity_lpips"] == pytest.approx(m["diversity_lpips"], abs=0.01)
     assert s["consistency_mean"] == pytest.approx(m["consistency_mean"], abs=0.5)
+    assert s["fjd"] == pytest.approx(m["fjd"], rel=1e-6)  # the saved inputs are the model's inputs
+    # With a tolerance of 0 dB every sample is consistent: the consistent diversity is the diversity.
+    assert again["protocol"]["consistent"]["bound"] == 0.0 and s["consistent_share"] == 1
+    assert s["consistent_diversity"] == pytest.approx(s["diversity_lpips"], rel=1e-6)
 
 
 def test_external_samples_without_task_or_inputs(tmp_path, capsys):
@@ -141,12 +163,22 @@ def test_external_samples_without_task_or_inputs(tmp_path, capsys):
             smooth_image(32, 32, g).save(tmp_path / "samples" / f"{stem}_{k}.png")
     Image.new("RGB", (32, 32)).save(tmp_path / "samples" / "unknown_0.png")
     out = tmp_path / "report.json"
-    assert main(["evaluate", "--samples", str(tmp_path / "samples"), "--real", str(tmp_path / "real"),
-                 "--lpips", "alex", "--out", str(out), "--device", "cpu"]) == 0
+    command = ["evaluate", "--samples", str(tmp_path / "samples"), "--real", str(tmp_path / "real"), "--lpips", "alex",
+               "--out", str(out), "--device", "cpu", "--fid-resize", "clean"]
+    assert main([*command, "--diversity-pairs", "2"]) == 2
+    assert "--diversity-pairs 2 needs at least 3 samples per input" in capsys.readouterr().err
+    assert main([*command, "--consistency-tolerance", "nan"]) == 2
+    assert "must be a finite number" in capsys.readouterr().err
+    assert main([*command, "--diversity-pairs", "1"]) == 0
     report = json.loads(out.read_text())
     assert list(report["methods"]) == ["samples"] and report["protocol"]["baseline"] is None
+    p = report["protocol"]
+    assert p["fid"]["resize_mode"] == "clean" and "Pillow BICUBIC" in p["fid"]["resize"]
+    assert p["diversity"]["pairs_per_input"] == 1 and "consecutive pairs" in p["diversity"]["definition"]
+    assert p["fjd"]["alpha"] is None and p["consistent"] is None  # no inputs, no task
     s = report["methods"]["samples"]
     assert s["outputs_per_input"] == 2 and s["consistency_mean"] is None and s["diversity_lpips"] > 0
+    assert s["fjd"] is None and s["consistent_share"] is None and s["precision"] is None  # 2 real images
     assert any("unknown" in w for w in report["warnings"])
     assert "| samples (samples) |" in capsys.readouterr().out
 
@@ -155,3 +187,30 @@ def test_paired_model_needs_inputs(tmp_path, capsys):
     model = model_file(tmp_path, "paired")
     code = main(["evaluate", "--model", str(model), "--out", str(tmp_path / "r"), "--device", "cpu"])
     assert code == 2 and "--inputs DIR" in capsys.readouterr().err
+
+
+def photo_tiles(count, side=32):
+    """`count` side x side tiles of the built-in photos (a few from each)."""
+    photos = [load_image(p) for p in list_images(builtin_photos("train")) + list_images(builtin_photos("heldout"))]
+    tiles = [photo[:, y : y + side, x : x + side] for y in (20, 110, 200) for x in (20, 110, 200) for photo in photos]
+    return tiles[:count]
+
+
+def test_real_images_against_themselves_and_a_collapsed_set():
+    """The real set scored as a method, through the Scorer as reports do it: precision = recall = coverage = 1 and
+    density (k + 1) / k. One real image repeated is as realistic as a real image but covers little."""
+    tiles = photo_tiles(24)
+    scorer = Scorer(Options(lpips="alex", fid_resize="clean"), torch.device("cpu"))
+    features = [scorer.add_real(tile) for tile in tiles]
+    for i, (tile, target_features) in enumerate(zip(tiles, features)):
+        scorer.add("self", "the real images", f"tile{i}", tile[None], tile, target_features, None)
+    same = scorer.summary("self")
+    assert (same["precision"], same["recall"], same["coverage"]) == (1, 1, 1)
+    assert same["density"] == pytest.approx(6 / 5) and abs(same["fid"]) < 1e-6
+    # Each tile repeated in turn: recall 1/N (only the tile itself is reached). Coverage depends on the tile (a
+    # central one lies in many of the balls), but its mean over the tiles is (k + 1) / N, as every ball holds its
+    # centre and k neighbours.
+    real = np.concatenate(scorer.real)
+    collapsed = [manifold.prdc(real, np.repeat(real[j : j + 1], 8, axis=0)) for j in range(len(real))]
+    assert all(c["precision"] == 1 and c["recall"] == 1 / 24 for c in collapsed)
+    assert np.mean([c["coverage"] for c in collapsed]) == pytest.approx(6 / 24)

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from chimle import weights
-from chimle.metrics import diversity, fid
+from chimle.metrics import conditional, diversity, fid, manifold
 from chimle.metrics.image import batched, gaussian_window, psnr, ssim
-from chimle.metrics.inception import preprocess, tf_bilinear_matrix
+from chimle.metrics.inception import clean_resize, pil_bicubic_matrix, preprocess, tf_bilinear_matrix
 from chimle.perceptual import LPIPS
 
 
@@ -112,6 +112,42 @@ def test_preprocess_resizes_like_tf():
     expected = 255 * torch.clamp(torch.arange(299) * (2 / 299), max=1.0)
     assert torch.allclose(out[0, 0, 0], expected, atol=1e-3)
     assert out[0, 0, 0, 0] == 0 and out[0, 0, -1, -1] < 1e-3
+
+
+# The clean-fid resize ---------------------------------------------------------------------------------------------
+
+def test_pil_bicubic_matrix_hand_worked():
+    # Enlarging 2 -> 4: output 0 is centred at 0.25; Keys' kernel (a = -0.5) gives pixel 0 the weight
+    # k(0.25) = 0.8671875 and pixel 1 k(1.25) = -0.0703125, renormalised over the two: 37/34 and -3/34.
+    m = pil_bicubic_matrix(2, 4)
+    assert m[0].tolist() == pytest.approx([37 / 34, -3 / 34], abs=1e-15)
+    assert torch.allclose(m.flip(0).flip(1), m)  # symmetric about the centre
+    # Shrinking 8 -> 2 stretches the kernel x4 (anti-aliasing): every input pixel contributes.
+    assert (pil_bicubic_matrix(8, 2).abs() > 0).all()
+    assert torch.allclose(pil_bicubic_matrix(600, 299).sum(1), torch.ones(299, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("height, width", [(37, 23), (400, 350), (299, 180), (1000, 640)])
+def test_clean_resize_matches_pillow(height, width):
+    """clean-fid's recipe done with Pillow itself: every channel as a 32-bit float image, BICUBIC to 299 x 299,
+    clipped to [0, 255]."""
+    image = np.random.default_rng(height).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    expected = np.stack([np.asarray(Image.fromarray(image[:, :, c].astype(np.float32)).resize(
+        (299, 299), resample=Image.BICUBIC)).clip(0, 255) for c in range(3)])
+    ours = clean_resize(torch.from_numpy(image).permute(2, 0, 1)[None].float())[0]
+    assert ours.dtype == torch.float32 and ours.shape == (3, 299, 299)
+    assert np.abs(ours.numpy() - expected).max() <= 1e-4  # 255 x float32 epsilon at most
+    levels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    assert torch.allclose(preprocess(levels, resize="clean") * 128 + 128, ours[None], atol=1e-4)
+
+
+def test_clean_and_tf_resizes_differ_when_shrinking():
+    stripes = torch.zeros(1, 3, 598, 598)
+    stripes[..., 1::2] = 1.0  # one-pixel stripes, halved: TF's bilinear samples the even (black) columns only,
+    tf, clean = preprocess(stripes, "tf") * 128 + 128, preprocess(stripes, "clean") * 128 + 128
+    assert tf.max() == 0 and (clean[..., 2:-2] - 127.5).abs().max() < 1  # the anti-aliased filter: grey (edges aside)
+    with pytest.raises(ValueError, match="unknown FID resize"):
+        preprocess(stripes, "bilinear")
 
 
 # PSNR and SSIM ---------------------------------------------------------------------------------------------------
@@ -251,3 +287,122 @@ def test_inception_features_batching():
     extract.batch = 2
     assert np.abs(features - extract(images)).max() < 1e-5
     assert fid.small_sample_warning(3, 3) is not None and fid.small_sample_warning(5000, 2048) is None
+
+
+# Precision, recall, density, coverage ----------------------------------------------------------------------------
+
+def loop_prdc(real, fake, k_pr, k_dc):
+    """The four definitions written out point by point (Kynkäänniemi et al. 2019, Naeem et al. 2020)."""
+    def distance(a, b):
+        return math.sqrt(sum((float(x) - float(y)) ** 2 for x, y in zip(a, b)))
+
+    def kth_neighbour(points, i, k):
+        return sorted(distance(points[i], q) for j, q in enumerate(points) if j != i)[k - 1]
+
+    def inside(point, centres, radii):
+        return [distance(point, c) <= r for c, r in zip(centres, radii)]
+
+    real_pr = [kth_neighbour(real, i, k_pr) for i in range(len(real))]
+    fake_pr = [kth_neighbour(fake, j, k_pr) for j in range(len(fake))]
+    real_dc = [kth_neighbour(real, i, k_dc) for i in range(len(real))]
+    precision = sum(any(inside(y, real, real_pr)) for y in fake) / len(fake)
+    recall = sum(any(inside(x, fake, fake_pr)) for x in real) / len(real)
+    density = sum(sum(inside(y, real, real_dc)) for y in fake) / (k_dc * len(fake))
+    coverage = sum(any(distance(x, y) <= r for y in fake) for x, r in zip(real, real_dc)) / len(real)
+    return {"precision": precision, "recall": recall, "density": density, "coverage": coverage}
+
+
+def test_prdc_hand_worked():
+    # Real 0, 1, 2, 4 with k = 1: balls of radius 1, 1, 1, 2. Generated 0.5, 3, 7: balls of radius 2.5, 2.5, 4.
+    real, fake = np.array([[0.0], [1], [2], [4]]), np.array([[0.5], [3], [7]])
+    # 0.5 lies in the balls of 0 and 1, 3 in those of 2 and 4, 7 in none: precision 2/3, density 4 / (1 x 3);
+    # every real ball holds a generated point (coverage 1) and every real point is within 2.5 of 0.5 or 3.
+    assert manifold.prdc(real, fake, 1, 1) == pytest.approx(
+        {"precision": 2 / 3, "recall": 1.0, "density": 4 / 3, "coverage": 1.0})
+    # k = 2: the second nearest other point of 0, 1, 2, 4 is 2, 1, 2, 3 away (radii are kept squared).
+    assert manifold.radii(real, 2).tolist() == [4.0, 1.0, 4.0, 9.0]
+    # Balls are closed: 3 lies on the ball of 2 (radius 1) and inside that of 4 (radius 2).
+    assert manifold.density_coverage(real, np.array([[3.0]]), 1) == (2.0, 0.5)
+
+
+@pytest.mark.parametrize("n, m, d", [(30, 40, 5), (25, 12, 3)])
+def test_prdc_matches_a_direct_loop(n, m, d):
+    rng = np.random.default_rng(n)
+    real, fake = rng.normal(size=(n, d)), rng.normal(0.3, 1.2, size=(m, d))
+    assert manifold.prdc(real, fake, 3, 5) == pytest.approx(loop_prdc(real, fake, 3, 5), abs=1e-12)
+    assert manifold.prdc(real, fake, 2, 2) == pytest.approx(loop_prdc(real, fake, 2, 2), abs=1e-12)
+
+
+def test_prdc_blocks_give_the_same_numbers(monkeypatch):
+    rng = np.random.default_rng(3)
+    real, fake = rng.normal(size=(50, 8)), rng.normal(size=(70, 8))
+    whole = manifold.prdc(real, fake)
+    monkeypatch.setattr(manifold, "BLOCK_BYTES", 8 * 70 * 3)  # blocks of 3 rows
+    assert manifold.prdc(real, fake) == whole
+
+
+def test_prdc_of_a_set_with_itself_and_with_a_collapsed_set():
+    rng = np.random.default_rng(4)
+    real = random_features(200, 16, seed=6)
+    same = manifold.prdc(real, real)
+    # Every point lies in its own ball (precision, recall, coverage 1); every ball holds its centre and k others.
+    assert same == pytest.approx({"precision": 1, "recall": 1, "density": 6 / 5, "coverage": 1}, abs=1e-12)
+    # Duplicated points: ties, settled as inside (closed balls) whatever the rounding of each distance.
+    doubled = np.concatenate([real, real])
+    assert manifold.prdc(doubled, doubled)["precision"] == 1.0
+    collapsed = np.repeat(real[rng.integers(200)][None], 50, axis=0)
+    c = manifold.prdc(real, collapsed)
+    assert c["precision"] == 1.0 and c["recall"] == 1 / 200 and c["coverage"] < 0.05
+    # Two samples of one distribution: density ~1, coverage ~1 - 2^-5 (the expected values Naeem et al. 2020 derive).
+    a, b = rng.normal(size=(2000, 4)), rng.normal(size=(2000, 4))
+    density, coverage = manifold.density_coverage(a, b)
+    assert density == pytest.approx(1.0, abs=0.05) and coverage == pytest.approx(1 - 2**-5, abs=0.02)
+
+
+def test_prdc_input_errors():
+    with pytest.raises(ValueError, match="at least 4 images"):
+        manifold.prdc(np.zeros((10, 3)), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="at least 6 images"):
+        manifold.density_coverage(np.zeros((5, 3)), np.zeros((10, 3)))
+    with pytest.raises(ValueError, match="different dimensions"):
+        manifold.prdc(np.zeros((10, 3)), np.zeros((10, 4)))
+
+
+# Conditional scores ----------------------------------------------------------------------------------------------
+
+def test_consistent_share_and_diversity_hand_worked():
+    psnr_again = torch.tensor([50.0, 44.9, 45.0, 60.0])  # dB: the samples degraded again against the input
+    ok = conditional.consistent(psnr_again, 45.0, higher_is_better=True)
+    assert ok.tolist() == [True, False, True, True]  # the bound itself is consistent
+    assert conditional.consistent(torch.tensor([1.0, 2.3, 2.4]), 2.3, higher_is_better=False).tolist() == [
+        True, True, False]
+    # Pairs in torch.combinations order: (0,1) (0,2) (0,3) (1,2) (1,3) (2,3); samples 0, 2, 3 are consistent.
+    pairs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert conditional.consistent_diversity(pairs, ok) == pytest.approx((0.2 + 0.3 + 0.6) / 3)
+    assert conditional.consistent_diversity(pairs, torch.tensor([False, True, False, False])) is None
+
+
+def test_consecutive_pairs():
+    mask = diversity.consecutive_pairs(4, 3)  # (0,1) (1,2) (2,3) among the 6 pairs of 4 samples
+    assert mask.tolist() == [True, False, False, True, False, True]
+    assert diversity.consecutive_pairs(20, 19).sum() == 19
+    with pytest.raises(ValueError, match="at least 5 samples"):
+        diversity.consecutive_pairs(4, 4)
+
+
+def test_fjd_sees_outputs_that_belong_to_another_input():
+    rng = np.random.default_rng(7)
+    inputs = rng.normal(size=(400, 6))
+    images = inputs @ rng.normal(size=(6, 6)) + 0.3 * rng.normal(size=(400, 6))  # images follow their inputs
+    # The same images given to the wrong inputs: FID sees nothing, FJD does.
+    shuffled = rng.permutation(400)
+    assert fid.fid(images, images[shuffled]) == pytest.approx(0, abs=1e-9)
+    right, alpha = conditional.fjd(images, inputs, images, inputs)
+    wrong, _ = conditional.fjd(images, inputs, images[shuffled], inputs)
+    assert right == pytest.approx(0, abs=1e-9) and wrong > 1
+    # α makes the input half as large as the image half; FJD is FID on the concatenation.
+    assert alpha == pytest.approx(np.linalg.norm(images, axis=1).mean() / np.linalg.norm(inputs, axis=1).mean())
+    joint = np.concatenate([images, alpha * inputs], 1)
+    assert wrong == pytest.approx(fid.fid(joint, np.concatenate([images[shuffled], alpha * inputs], 1)), rel=1e-12)
+    with pytest.raises(ValueError, match="one input per image"):
+        conditional.fjd(images, inputs[:3], images, inputs)

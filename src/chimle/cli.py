@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="FWV's faithfulness distance d to the ground truth (default: lpips)")
     evaluate.add_argument("--fwv-spread", choices=["lpips", "pixel"], default="lpips",
                           help="FWV's spread s of a sample around the mean of its input's samples (default: lpips)")
+    evaluate.add_argument("--fid-resize", choices=["tf", "clean"], default="tf",
+                          help="resize to 299 px before Inception (FID, KID, precision/recall, density/coverage, FJD): "
+                               "tf, the TF FID code's bilinear (default), or clean, clean-fid's anti-aliased bicubic")
+    evaluate.add_argument("--diversity-pairs", type=_non_negative, default=0, metavar="N",
+                          help="LPIPS diversity over the N consecutive sample pairs (0,1)..(N-1,N) of every input, as "
+                               "the 19-pairs protocol with -n 20 (default: 0, all pairs)")
+    evaluate.add_argument("--consistency-tolerance", type=float, default=None, metavar="X",
+                          help="bound for a sample to count as consistent with its input, in the task's consistency "
+                               "unit (default: 45 dB for super-resolution and decompression, 2.3 L for colourization)")
     evaluate.add_argument("--batch", type=_positive, default=16, help="images per network call (default: 16)")
     evaluate.add_argument("--inception", default=None, metavar="FILE",
                           help="FID Inception weights file (default: the cache of `chimle weights fetch`)")

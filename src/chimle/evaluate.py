@@ -6,8 +6,9 @@
     chimle evaluate --model runs/n2d --data day/ --inputs night/ --out eval/n2d                    # inputs given
     chimle evaluate --samples bicyclegan/ --real test/ --inputs low/ --task super-resolution --out eval/bg
 
-Writes REPORT.json (the protocol, every summary number, and the per-sample numbers of every input) and
-REPORT.md (the protocol and a table). For every held-out target y (a file of --data, centre-cropped or cut
+Writes REPORT.json (the protocol, every summary number, and the per-sample numbers of every input), REPORT.md
+(the protocol and tables) and REPORT.png (per input, best-of-n LPIPS against diversity; precision, recall,
+density and coverage of every method). For every held-out target y (a file of --data, centre-cropped or cut
 into tiles) the model gets x = the task's degradation of y (`Task.input_for`), or the file of --inputs with
 y's stem, and draws n samples, sample k from seed (seed, k). The methods scored on the same targets:
 
@@ -16,9 +17,14 @@ y's stem, and draws n samples, sample k from seed (seed, k). The methods scored 
     baseline     x brought to the output size: bicubic (super-resolution), the grey image (colourization),
                  the compressed image (decompression), the input itself (paired)
 
-and the metrics: FID and KID on Inception pool3 features (`chimle.metrics.fid`); PSNR, SSIM and LPIPS to y per
-sample, their mean and best-of-n (`chimle.metrics.image`); LPIPS diversity and faithfulness-weighted variance
-(`chimle.metrics.diversity`); consistency with x (the sample degraded again and compared with x).
+and the metrics: FID and KID on Inception pool3 features, resized the TF FID code's way or clean-fid's
+(`chimle.metrics.fid`); precision, recall, density and coverage on the same features (`chimle.metrics.manifold`);
+PSNR, SSIM and LPIPS to y per sample, their mean and best-of-n (`chimle.metrics.image`); LPIPS diversity over all
+pairs or fixed pairs, and faithfulness-weighted variance (`chimle.metrics.diversity`); consistency with x (the
+sample degraded again and compared with x), the share of samples consistent within a tolerance and the diversity
+among those, and the Fréchet Joint Distance of (input, output) pairs (`chimle.metrics.conditional`).
+
+From Python, `scores(model, **options)` returns every summary number by method.
 
 External samples (--samples DIR): the file STEM_K.png is sample K for the target STEM of --real; the same
 protocol applies, so outputs of other methods (BicycleGAN, diffusion models) compare with ours. `--save-samples
@@ -42,7 +48,7 @@ from tqdm import tqdm
 from chimle import __version__, tasks
 from chimle.config import Config, ConfigError, resolve
 from chimle.data import DataError, builtin_photos, list_images, load_image, save_image
-from chimle.metrics import diversity, fid
+from chimle.metrics import conditional, diversity, fid, manifold
 from chimle.metrics.image import SSIM_WINDOW, batched, psnr, ssim
 from chimle.perceptual import LPIPS
 from chimle.weights import sha256_file
@@ -62,6 +68,11 @@ class Options:
     fwv_distance: str = "lpips"  # d of FWV, a key of chimle.metrics.diversity.DISTANCES
     fwv_spread: str = "lpips"  # s of FWV, a key of chimle.metrics.diversity.SPREADS
     sigmas: tuple[float, ...] = diversity.SIGMAS  # FWV bandwidths
+    diversity_pairs: int = 0  # pairs per input behind LPIPS diversity: 0 = all; N = the consecutive (0,1)..(N-1,N)
+    fid_resize: str = "tf"  # resize to 299 px before Inception: tf (the TF FID code's) | clean (clean-fid's)
+    precision_recall_k: int = manifold.PRECISION_RECALL_K  # neighbours per ball (paper: 3)
+    density_coverage_k: int = manifold.DENSITY_COVERAGE_K  # neighbours per ball (paper: 5)
+    consistency_tolerance: float | None = None  # a consistent sample's bound, in the task's unit; None = TOLERANCE
     batch: int = 16  # images per network call (bounds memory)
     kid_subset_size: int = fid.KID_SUBSET_SIZE
     kid_subsets: int = fid.KID_SUBSETS
@@ -170,6 +181,30 @@ def consistency(task: tasks.Task, config: Config, outputs: torch.Tensor, given: 
     return psnr(task.input_for(outputs, config), given[None].expand(len(outputs), -1, -1, -1))
 
 
+# When a sample counts as consistent with its input: (bound, whether higher agreement is better, why that bound).
+TOLERANCE = {
+    "super-resolution": (45.0, True, "at least 45 dB, the LR-PSNR that the NTIRE 2021 Learning the Super-Resolution "
+                                     "Space challenge set as its goal (Lugmayr et al. 2021; there for the mean over "
+                                     "samples, here for each sample)"),
+    "decompression": (45.0, True, "at least 45 dB, the super-resolution rule (NTIRE 2021) applied to re-encoding"),
+    "colourization": (2.3, False, "at most 2.3 L units, one just-noticeable CIELAB difference (Mahy et al. 1994)"),
+}
+
+
+def tolerance(task: tasks.Task | None, options: Options) -> tuple[float, bool, str] | None:
+    """The consistency rule of a task (with --consistency-tolerance as its bound), or None where the task has no
+    degradation to measure consistency with."""
+    if options.consistency_tolerance is not None and not math.isfinite(options.consistency_tolerance):
+        raise ConfigError(f"--consistency-tolerance must be a finite number, got {options.consistency_tolerance}")
+    if task is None or task.name not in TOLERANCE:
+        return None
+    bound, higher, why = TOLERANCE[task.name]
+    if options.consistency_tolerance is not None:
+        bound = options.consistency_tolerance
+        why = f"{'at least' if higher else 'at most'} {bound} (set by --consistency-tolerance)"
+    return bound, higher, why
+
+
 def consistency_protocol(task: tasks.Task | None, config: Config | None) -> str | None:
     if task is None or task.degrade is None:
         return None
@@ -186,51 +221,73 @@ class Method:
 
     label: str
     rows: dict[str, dict] = field(default_factory=dict)
-    features: list[np.ndarray] = field(default_factory=list)  # pool3 features of every output
-    first: list[np.ndarray] = field(default_factory=list)  # of output 0 of every input
+    features: list[np.ndarray] = field(default_factory=list)  # pool3 features of the outputs of every input
+    targets: list[int] = field(default_factory=list)  # which real image (index into Scorer.real) each input has
     distances: list[torch.Tensor] = field(default_factory=list)  # FWV's d, per input
     spreads: list[torch.Tensor] = field(default_factory=list)  # FWV's s, per input
 
 
 class Scorer:
-    """Accumulates, input by input, everything a report needs; `summary()` turns it into numbers."""
+    """Accumulates, input by input, everything a report needs; `summary()` turns it into numbers.
 
-    def __init__(self, options: Options, device: torch.device):
+    `rule` (see `tolerance`) says when a sample is consistent with its input; without it, or without an
+    agreement, the consistent share and diversity are not measured."""
+
+    def __init__(self, options: Options, device: torch.device, rule: tuple[float, bool, str] | None = None):
         if options.fwv_distance not in diversity.DISTANCES or options.fwv_spread not in diversity.SPREADS:
             raise ConfigError(f"unknown FWV distance {options.fwv_distance!r} or spread {options.fwv_spread!r}; "
                               f"choose from {list(diversity.DISTANCES)} and {list(diversity.SPREADS)}")
-        self.options, self.device = options, device
+        if options.fid_resize not in fid.RESIZE:
+            raise ConfigError(f"unknown FID resize {options.fid_resize!r}; choose from {list(fid.RESIZE)}")
+        if options.diversity_pairs < 0 or min(options.precision_recall_k, options.density_coverage_k) < 1:
+            raise ConfigError("the number of diversity pairs must be >= 0 and the k of the manifold metrics >= 1")
+        self.options, self.device, self.rule = options, device, rule
         self.lpips = LPIPS(options.lpips).to(device)
-        self.inception = fid.InceptionFeatures(options.inception, device, options.batch)
-        self.real: list[np.ndarray] = []
+        self.inception = fid.InceptionFeatures(options.inception, device, options.batch, options.fid_resize)
+        self.real: list[np.ndarray] = []  # pool3 features of every ground truth
+        self.real_inputs: list[np.ndarray | None] = []  # and of its input, where known (for FJD)
         self.methods: dict[str, Method] = {}
 
     @torch.no_grad()
     def add(self, key: str, label: str, name: str, outputs: torch.Tensor, target: torch.Tensor,
-            target_features: list[torch.Tensor], agreement: torch.Tensor | None) -> None:
-        """Score the outputs (K, 3, H, W) of one method for one target (3, H, W)."""
+            target_features: list[torch.Tensor], agreement: torch.Tensor | None, real: int | None = None) -> None:
+        """Score the outputs (K, 3, H, W) of one method for one target (3, H, W): the real image `real` (an
+        index in the order of `add_real`; default: the latest)."""
         method = self.methods.setdefault(key, Method(label))
         outputs, target = outputs.to(self.device), target[None].to(self.device)
         batch = self.options.batch
         group = diversity.SampleGroup.of(self.lpips, outputs, target, batch, target_features)
         row = {"psnr": batched(psnr, outputs, target, batch), "ssim": batched(ssim, outputs, target, batch),
                "lpips": group.lpips_to_target()}
-        if agreement is not None:
-            row["consistency"] = agreement
+        pairs = None
         if len(outputs) > 1:
-            row["diversity_lpips"] = diversity.pairwise_lpips(self.lpips, group.features, batch=4 * batch).mean()
+            pairs = diversity.pairwise_lpips(self.lpips, group.features, batch=4 * batch)
+            row["diversity_lpips"] = self._diversity(pairs, len(outputs))
             method.distances.append(diversity.DISTANCES[self.options.fwv_distance].measure(group).cpu())
             method.spreads.append(diversity.SPREADS[self.options.fwv_spread].measure(group).cpu())
-        method.rows[name] = {k: v.cpu().tolist() for k, v in row.items()}
-        inception = self.inception(outputs)
-        method.features.append(inception)
-        method.first.append(inception[:1])
+        extra = {}
+        if agreement is not None:
+            row["consistency"] = agreement
+            if self.rule is not None:
+                row["consistent"] = conditional.consistent(agreement.cpu(), *self.rule[:2])
+                extra["consistent_diversity"] = (None if pairs is None else
+                                                 conditional.consistent_diversity(pairs, row["consistent"]))
+        method.rows[name] = {**{k: v.cpu().tolist() for k, v in row.items()}, **extra}
+        method.features.append(self.inception(outputs))
+        method.targets.append(len(self.real) - 1 if real is None else real)
+
+    def _diversity(self, pairs: torch.Tensor, k: int) -> torch.Tensor:
+        """LPIPS diversity of one input from its pairwise LPIPS: over all pairs, or the fixed consecutive ones."""
+        n = self.options.diversity_pairs
+        return (pairs[diversity.consecutive_pairs(k, n)] if n else pairs).mean()
 
     @torch.no_grad()
-    def add_real(self, target: torch.Tensor) -> list[torch.Tensor]:
-        """Record a ground truth (3, H, W); returns its LPIPS features."""
+    def add_real(self, target: torch.Tensor, given: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Record a ground truth (3, H, W) and, where known, its input as an RGB image (3, h, w) in [0, 1];
+        returns the ground truth's LPIPS features."""
         target = target[None].to(self.device)
         self.real.append(self.inception(target))
+        self.real_inputs.append(None if given is None else self.inception(given[None].to(self.device)))
         return self.lpips.features(target)
 
     def summary(self, key: str) -> dict:
@@ -241,20 +298,45 @@ class Scorer:
         k = len(rows[0]["psnr"])
 
         def mean(metric, reduce=None):
-            values = [reduce(r[metric]) if reduce else np.mean(r[metric]) for r in rows if metric in r]
+            values = [reduce(r[metric]) if reduce else np.mean(r[metric]) for r in rows if r.get(metric) is not None]
             return float(np.mean(values)) if values else None
 
         out = {"label": method.label, "inputs": len(rows), "outputs_per_input": k, "images": len(fake)}
-        out.update(_fid_kid(real, fake, o))
+        out.update(self._distribution(method, real, first_only=False))
         if k > 1:
-            first = _fid_kid(real, np.concatenate(method.first), o)
-            out.update({f"{name}_first_sample": value for name, value in first.items()})
+            first = self._distribution(method, real, first_only=True)
+            out.update({f"{name}_first_sample": value for name, value in first.items() if name != "fjd_alpha"})
         out.update({"psnr_mean": mean("psnr"), "psnr_best": mean("psnr", max), "ssim_mean": mean("ssim"),
                     "ssim_best": mean("ssim", max), "lpips_mean": mean("lpips"), "lpips_best": mean("lpips", min),
-                    "diversity_lpips": mean("diversity_lpips", float), "consistency_mean": mean("consistency")})
+                    "diversity_lpips": mean("diversity_lpips", float), "consistency_mean": mean("consistency"),
+                    "consistent_share": mean("consistent"), "consistent_diversity": mean("consistent_diversity", float),
+                    "consistent_diversity_inputs": sum(r.get("consistent_diversity") is not None for r in rows)})
         out["fwv"] = ({str(s): v for s, v in diversity.fwv(torch.cat(method.distances), torch.cat(method.spreads),
                                                            o.sigmas).items()} if method.distances else None)
         return out
+
+    def _distribution(self, method: Method, real: np.ndarray, first_only: bool) -> dict:
+        """FID, KID, precision, recall, density, coverage and FJD of a method's outputs (or of output 0 of every
+        input) against the real images; None where there are too few images."""
+        o = self.options
+        fake = np.concatenate([f[:1] if first_only else f for f in method.features])
+        out = _fid_kid(real, fake, o)
+        pr, dc = o.precision_recall_k, o.density_coverage_k
+        enough = len(real) > pr and len(fake) > pr
+        precision, recall = manifold.precision_recall(real, fake, pr) if enough else (None, None)
+        density, coverage = manifold.density_coverage(real, fake, dc) if len(real) > dc else (None, None)
+        out.update({"precision": precision, "recall": recall, "density": density, "coverage": coverage})
+        out.update(self._fjd(method, real, fake, first_only))
+        return out
+
+    def _fjd(self, method: Method, real: np.ndarray, fake: np.ndarray, first_only: bool) -> dict:
+        """Fréchet Joint Distance on (output, input) features, or None where an input is unknown."""
+        if any(x is None for x in self.real_inputs) or min(len(real), len(fake)) < 2:
+            return {"fjd": None, "fjd_alpha": None}
+        inputs = [np.repeat(self.real_inputs[t], 1 if first_only else len(f), axis=0)
+                  for t, f in zip(method.targets, method.features)]
+        value, alpha = conditional.fjd(real, np.concatenate(self.real_inputs), fake, np.concatenate(inputs))
+        return {"fjd": value, "fjd_alpha": alpha}
 
 
 def _fid_kid(real: np.ndarray, fake: np.ndarray, o: Options) -> dict:
@@ -294,6 +376,23 @@ def baseline_output(task: tasks.Task | None, given: torch.Tensor, size) -> torch
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
+def input_image(task: tasks.Task | None, config: Config | None, given: torch.Tensor | None) -> torch.Tensor | None:
+    """An input as the RGB image (3, h, w) whose Inception features FJD pairs with the outputs: label maps in
+    their palette colours, grey inputs repeated over three channels."""
+    if given is None:
+        return None
+    image = task.show_input(given, config) if task is not None else given[:3]
+    return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+
+
+def _check_pairs(options: Options, samples_per_input: int) -> None:
+    """--diversity-pairs N needs N + 1 samples per input (the pairs chain samples 0..N)."""
+    if options.diversity_pairs and options.diversity_pairs >= samples_per_input:
+        raise ConfigError(f"--diversity-pairs {options.diversity_pairs} needs at least {options.diversity_pairs + 1} "
+                          f"samples per input (pairs (0, 1) .. ({options.diversity_pairs - 1}, "
+                          f"{options.diversity_pairs})), got {samples_per_input}")
+
+
 def evaluate_model(model: str | Path, data: str | Path | None = None, inputs: str | Path | None = None,
                    options: Options | None = None) -> dict:
     """Sample a trained model on held-out targets and score it with its baselines; returns the report."""
@@ -312,7 +411,8 @@ def evaluate_model(model: str | Path, data: str | Path | None = None, inputs: st
     multiple = scale if task.wiring == "super-resolution" else 2 ** (net.levels - 1)
     baseline = BASELINES.get(task.name, "input") if task.input_kind == "image" else None
     n = options.samples_per_input
-    scorer = Scorer(options, device)
+    _check_pairs(options, n)
+    scorer = Scorer(options, device, tolerance(task, options))
     for item in items(targets, _matched(targets, inputs), lambda p: task.load_input(p, config), options,
                       multiple, scale):
         x = item.input if item.input is not None else task.input_for(item.target[None], config)[0]
@@ -320,7 +420,7 @@ def evaluate_model(model: str | Path, data: str | Path | None = None, inputs: st
         outputs = [("model", f"model ({n} samples)", samples), ("zero_codes", "all codes zero", net.zero_codes(x))]
         if baseline:
             outputs.append(("baseline", baseline, baseline_output(task, x, item.target.shape[-2:])))
-        target_features = scorer.add_real(item.target)
+        target_features = scorer.add_real(item.target, input_image(task, config, x))
         for key, label, images in outputs:
             agreement = consistency(task, config, images, x)
             scorer.add(key, label, item.name, images, item.target, target_features, agreement)
@@ -357,12 +457,13 @@ def evaluate_samples(samples: str | Path, real: str | Path, inputs: str | Path |
     baseline = None
     if known_input and (entry is None or entry.input_kind == "image"):
         baseline = BASELINES.get(entry.name, "input") if entry else "input"
-    scorer = Scorer(options, _device(options))
+    _check_pairs(options, min(len(groups[s]) for s in targets))
+    scorer = Scorer(options, _device(options), tolerance(entry, options))
     for item in items(targets, given, load, options, scale, scale, samples={s: groups[s] for s in targets}):
         x = item.input
         if x is None and entry is not None and entry.degrade is not None:
             x = entry.input_for(item.target[None], config)[0]
-        target_features = scorer.add_real(item.target)
+        target_features = scorer.add_real(item.target, input_image(entry, config, x))
         agreement = consistency(entry, config, item.samples, x) if entry is not None else None
         scorer.add("samples", f"samples ({Path(samples).name})", item.name, item.samples, item.target,
                    target_features, agreement)
@@ -380,6 +481,14 @@ def evaluate_samples(samples: str | Path, real: str | Path, inputs: str | Path |
     warnings = [f"{len(unmatched)} sample group(s) have no real image and were ignored, e.g. "
                 f"{', '.join(unmatched[:5])}"] if unmatched else []
     return build_report(scorer, protocol, warnings)
+
+
+def scores(model: str | Path, data: str | Path | None = None, inputs: str | Path | None = None,
+           **options) -> dict[str, dict]:
+    """Every summary number of a model and of its baselines, by method ("model", "zero_codes", "baseline"), for
+    Python callers: `scores("runs/demo", crop=32, tiles=True, lpips="alex")["model"]["recall"]`. The keyword
+    arguments are the fields of Options; `evaluate_model` gives the whole report (protocol, per-input numbers)."""
+    return evaluate_model(model, data, inputs, Options(**options))["methods"]
 
 
 def _external_scale(targets, given, entry, scale: int | None) -> int:
@@ -426,6 +535,9 @@ def save_item(folder: str | Path, item: Item, given: torch.Tensor | None, sample
 # The report.
 
 
+MIN_IMAGES_FOR_MANIFOLD = 1000  # below this many real images the k-NN balls are coarse (the papers use 10k-50k)
+
+
 def build_report(scorer: Scorer, protocol: dict, warnings: list[str] | None = None) -> dict:
     """The report: protocol, warnings, summary per method, per-input numbers."""
     o, warnings = scorer.options, list(warnings or [])
@@ -435,35 +547,105 @@ def build_report(scorer: Scorer, protocol: dict, warnings: list[str] | None = No
     real = len(scorer.real)
     if warning := fid.small_sample_warning(real, min(m["images"] for m in methods.values())):
         warnings.append(warning)
+    warnings += _manifold_warnings(o, real, methods)
     first = next(iter(methods.values()))
     k = first["outputs_per_input"]
     if k < 2:
         warnings.append("one sample per input: LPIPS diversity and FWV need at least 2")
+    generated = {key: m["images"] for key, m in methods.items()}
     protocol = {
         **protocol, "chimle_version": __version__, "device": str(scorer.device), "targets": real,
         "options": {k: v for k, v in dataclasses.asdict(o).items() if k != "device"},
         "crop": o.crop or "whole images (trimmed to multiples of the model's factor)", "tiles": o.tiles,
-        "fid": {**fid.PROTOCOL, "weights": str(scorer.inception.file),
-                "weights_sha256": sha256_file(scorer.inception.file), "real_images": real,
-                "generated_images": {key: m["images"] for key, m in methods.items()},
-                "first_sample": "fid_first_sample and kid_first_sample use sample 0 of every input only: as many "
-                                "images as the real set and the single-output baselines",
+        "fid": {**fid.PROTOCOL, "resize": fid.RESIZE[o.fid_resize], "resize_mode": o.fid_resize,
+                "weights": str(scorer.inception.file), "weights_sha256": sha256_file(scorer.inception.file),
+                "real_images": real, "generated_images": generated,
+                "first_sample": "the *_first_sample numbers use sample 0 of every input only: as many images as the "
+                                "real set and the single-output baselines",
                 "kid_subset_size": min(o.kid_subset_size, real, first["images"]), "kid_subsets": o.kid_subsets},
+        "manifold": _manifold_protocol(o, real, generated),
+        "fjd": _fjd_protocol(first),
         "lpips": f"LPIPS v0.1, {'VGG16' if o.lpips == 'vgg' else 'AlexNet'} backbone, images in [0, 1]",
         "psnr": "10 log10(1 / MSE) of RGB in [0, 1], per sample against the ground truth",
         "ssim": "Wang et al. 2004: 11x11 Gaussian window (sigma 1.5), valid positions, K1 0.01, K2 0.03, data range 1, "
                 "mean over positions and RGB channels",
         "best_of_n": "per input, the best of its samples (highest PSNR and SSIM, lowest LPIPS), averaged over inputs",
-        "diversity": {"definition": "mean LPIPS between two samples of the same input, over all pairs",
-                      "pairs_per_input": k * (k - 1) // 2, "inputs": real, "pairs": real * (k * (k - 1) // 2)},
+        "diversity": _diversity_protocol(o, k, real),
         "fwv": {"definition": "mean over inputs i and samples j of exp(-d_ij^2 / (2 sigma^2)) * s_ij",
                 "sigmas": list(o.sigmas),
                 "distance": {"name": o.fwv_distance, "d": diversity.DISTANCES[o.fwv_distance].description},
                 "spread": {"name": o.fwv_spread, "s": diversity.SPREADS[o.fwv_spread].description}},
+        "consistent": _consistent_protocol(scorer.rule) if protocol.get("consistency") else None,
     }
     per_input = {name: {key: m.rows[name] for key, m in scorer.methods.items()}
                  for name in next(iter(scorer.methods.values())).rows}
     return {"protocol": protocol, "warnings": warnings, "methods": methods, "per_input": per_input}
+
+
+def _manifold_warnings(o: Options, real: int, methods: dict) -> list[str]:
+    """Warnings where precision/recall or density/coverage could not be computed, or rest on few images."""
+    missing = [m["label"] for m in methods.values() if m["precision"] is None or m["density"] is None]
+    if missing:
+        return [f"precision and recall need more than {o.precision_recall_k} images in each set, density and "
+                f"coverage more than {o.density_coverage_k} real images: not computed for {', '.join(missing)}"]
+    if real < MIN_IMAGES_FOR_MANIFOLD:
+        return [f"precision, recall, density and coverage from {real} real images: with so few, the k-nearest-"
+                "neighbour balls are coarse and the numbers move with the image counts (the papers use 10,000 to "
+                "50,000); compare them only between methods scored on the same images."]
+    return []
+
+
+def _manifold_protocol(o: Options, real: int, generated: dict) -> dict:
+    return {
+        "features": "the FID features (Inception pool3 after the FID resize), Euclidean distances in float64, exact",
+        "balls": "around each point of a set, the closed ball whose radius is the distance to its k-th nearest other "
+                 "point of the same set",
+        "precision": "share of generated images inside some real ball (fidelity)",
+        "recall": "share of real images inside some generated ball (coverage of the data)",
+        "precision_recall_k": o.precision_recall_k,
+        "precision_recall_reference": "Kynkäänniemi et al., Improved Precision and Recall Metric for Assessing "
+                                      "Generative Models, NeurIPS 2019",
+        "density": "real balls holding each generated image, averaged over generated images, divided by k "
+                   "(about 1 when both sets come from one distribution; can exceed 1)",
+        "coverage": "share of real balls that hold at least one generated image",
+        "density_coverage_k": o.density_coverage_k,
+        "density_coverage_reference": "Naeem et al., Reliable Fidelity and Diversity Metrics for Generative Models, "
+                                      "ICML 2020",
+        "real_images": real, "generated_images": generated,
+    }
+
+
+def _fjd_protocol(first: dict) -> dict:
+    measured = first["fjd"] is not None
+    return {
+        "definition": "Fréchet distance between joint features [f(y), alpha f(x)] of real pairs (input x, ground truth y) "
+                      "and of generated pairs (x, sample): f = the FID features, alpha = mean |f(y)| / mean |f(x)| "
+                      "over the real pairs",
+        "inputs": ("each input as an RGB image (grey inputs on three channels, label maps in their palette "
+                   "colours), resized like the outputs" if measured else "not measured: the inputs are unknown"),
+        "alpha": first["fjd_alpha"],
+        "reference": "DeVries et al., On the Evaluation of Conditional GANs, 2019 (Fréchet Joint Distance)",
+    }
+
+
+def _diversity_protocol(o: Options, k: int, inputs: int) -> dict:
+    n = o.diversity_pairs
+    pairs = n if n else k * (k - 1) // 2
+    return {"definition": "mean LPIPS between two samples of the same input, over "
+                          + (f"the {n} consecutive pairs (0, 1) .. ({n - 1}, {n}) (fixed-pair protocol, as BicycleGAN's "
+                             "19 pairs of 20 samples)" if n else "all pairs"),
+            "pairs_per_input": pairs, "inputs": inputs, "pairs": inputs * pairs}
+
+
+def _consistent_protocol(rule: tuple[float, bool, str] | None) -> dict | None:
+    if rule is None:
+        return None
+    bound, higher, why = rule
+    return {"rule": f"a sample is consistent with its input when its consistency is {why}", "bound": bound,
+            "higher_is_better": higher,
+            "share": "per input, the share of its samples that are consistent, averaged over inputs",
+            "diversity": "per input with at least two consistent samples, the mean LPIPS over all pairs of its "
+                         "consistent samples, averaged over those inputs"}
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -471,22 +653,27 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def _table(report: dict) -> list[str]:
-    """One Markdown table row per method."""
+    """Two Markdown tables, one row per method: the image sets compared as distributions, then per input."""
     sigmas = report["protocol"]["fwv"]["sigmas"]
-    lines = ["| method | FID ↓ | KID ↓ | LPIPS ↓ mean / best | PSNR ↑ mean / best | SSIM ↑ mean / best | diversity | "
-             + " / ".join(f"FWV σ={s}" for s in sigmas) + " ↑ | consistency |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    sets = ["| method | FID ↓ | KID ↓ | precision ↑ | recall ↑ | density ↑ | coverage ↑ | FJD ↓ |",
+            "|---|---|---|---|---|---|---|---|"]
+    inputs = ["| method | LPIPS ↓ mean / best | PSNR ↑ mean / best | SSIM ↑ mean / best | diversity | "
+              + " / ".join(f"FWV σ={s}" for s in sigmas) + " ↑ | consistency | consistent share ↑ | "
+              "consistent diversity |", "|---|---|---|---|---|---|---|---|---|"]
     for m in report["methods"].values():
         fid_text = _fmt(m["fid"], 2)
         if "fid_first_sample" in m:
             fid_text += f" (first sample: {_fmt(m['fid_first_sample'], 2)})"
         kid_text = "–" if m["kid"] is None else f"{m['kid']:.4f} ± {m['kid_std']:.4f}"
+        sets.append(f"| {m['label']} | {fid_text} | {kid_text} | {_fmt(m['precision'], 3)} | {_fmt(m['recall'], 3)} | "
+                    f"{_fmt(m['density'], 3)} | {_fmt(m['coverage'], 3)} | {_fmt(m['fjd'], 2)} |")
         fwv_text = " / ".join(_fmt(m["fwv"][str(s)]) for s in sigmas) if m["fwv"] else "–"
-        lines.append(f"| {m['label']} | {fid_text} | {kid_text} | {_fmt(m['lpips_mean'])} / {_fmt(m['lpips_best'])} | "
-                     f"{_fmt(m['psnr_mean'], 2)} / {_fmt(m['psnr_best'], 2)} | {_fmt(m['ssim_mean'])} / "
-                     f"{_fmt(m['ssim_best'])} | {_fmt(m['diversity_lpips'])} | {fwv_text} | "
-                     f"{_fmt(m['consistency_mean'], 2)} |")
-    return lines
+        inputs.append(f"| {m['label']} | {_fmt(m['lpips_mean'])} / {_fmt(m['lpips_best'])} | "
+                      f"{_fmt(m['psnr_mean'], 2)} / {_fmt(m['psnr_best'], 2)} | {_fmt(m['ssim_mean'])} / "
+                      f"{_fmt(m['ssim_best'])} | {_fmt(m['diversity_lpips'])} | {fwv_text} | "
+                      f"{_fmt(m['consistency_mean'], 2)} | {_fmt(m['consistent_share'], 3)} | "
+                      f"{_fmt(m['consistent_diversity'])} |")
+    return [*sets, "", *inputs]
 
 
 def _protocol_lines(p: dict) -> list[str]:
@@ -495,6 +682,8 @@ def _protocol_lines(p: dict) -> list[str]:
     generated = ", ".join(f"{key} {count}" for key, count in f["generated_images"].items())
     baseline = f"- Baseline: {p['baseline'] or 'none'}" + (
         "; zero codes: every code of the model set to 0." if p["mode"] == "model" else ".")
+    c = p["consistent"]
+    consistent = f"{c['rule']}; share: {c['share']}; diversity: {c['diversity']}." if c else "not measured."
     return [
         f"- FID / KID: {f['network']}; {f['quantisation']}; resized {f['resize']}; scaled {f['scaling']}. Fréchet "
         f"distance: {f['frechet']}. KID: {f['kid']}; subsets of {f['kid_subset_size']} ({f['kid_subsets']} subsets). "
@@ -505,42 +694,64 @@ def _protocol_lines(p: dict) -> list[str]:
         f"{p['diversity']['inputs']} inputs.",
         f"- FWV: {fwv['definition']}; d ({fwv['distance']['name']}) = {fwv['distance']['d']}; "
         f"s ({fwv['spread']['name']}) = {fwv['spread']['s']}.",
+        *_manifold_fjd_lines(p),
         f"- Consistency with the input: {p['consistency'] or 'not measured (no input, or no degradation)'}.",
+        f"- Consistent share and diversity: {consistent}",
         baseline,
         f"- chimle {p['chimle_version']} on {p['device']}; options: "
         + ", ".join(f"{k}={v}" for k, v in p["options"].items()) + ".",
     ]
 
 
-def markdown(report: dict) -> str:
-    """The report as Markdown: what was evaluated, a table of the methods, warnings, the protocol."""
+def _manifold_fjd_lines(p: dict) -> list[str]:
+    """The protocol of the manifold metrics and FJD as Markdown bullets."""
+    m, j = p["manifold"], p["fjd"]
+    alpha = f"; alpha = {j['alpha']:.4f}" if j["alpha"] is not None else ""
+    return [
+        f"- Precision / recall (k = {m['precision_recall_k']}; {m['precision_recall_reference']}) and density / "
+        f"coverage (k = {m['density_coverage_k']}; {m['density_coverage_reference']}): balls: {m['balls']}; "
+        f"precision: {m['precision']}; recall: {m['recall']}; density: {m['density']}; coverage: {m['coverage']}. "
+        f"On {m['features']}.",
+        f"- FJD: {j['definition']}; inputs: {j['inputs']}{alpha}. {j['reference']}.",
+    ]
+
+
+def markdown(report: dict, plot: str | None = None) -> str:
+    """The report as Markdown: what was evaluated, tables of the methods, the plot (a file name), warnings, the
+    protocol."""
     p = report["protocol"]
     source = f"Model `{p['model']}`" if p["mode"] == "model" else f"Samples `{p['samples']}`"
     header = (f"{source} ({p['task'] or 'no task given'}): {p['targets']} targets from `{p['data']}` (crop: "
               f"{p['crop']}{', tiles' if p['tiles'] else ''}), {p['samples_per_input']} samples per input"
               + (f", seed {p['seed']}" if "seed" in p else "") + f"; inputs: {p['inputs'] or 'not given'}.")
     warnings = [f"> **Warning:** {w}\n" for w in report["warnings"]]
-    return "\n".join(["# chimle evaluation", "", header, "", *_table(report), "", *warnings, "## Protocol", "",
-                      *_protocol_lines(p), ""])
+    figure = [f"![Per input: best-of-n LPIPS against diversity; precision, recall, density, coverage]({plot})", ""]
+    return "\n".join(["# chimle evaluation", "", header, "", *_table(report), "", *(figure if plot else []),
+                      *warnings, "## Protocol", "", *_protocol_lines(p), ""])
 
 
-def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
-    """Write OUT.json and OUT.md (a .json or .md suffix of `out` is dropped)."""
+def write_report(report: dict, out: str | Path) -> tuple[Path, Path, Path]:
+    """Write OUT.json, OUT.md and the plot OUT.png (a .json, .md or .png suffix of `out` is dropped)."""
+    from chimle.metrics.plot import report_plot
+
     out = Path(out)
-    if out.suffix in (".json", ".md"):
+    if out.suffix in (".json", ".md", ".png"):
         out = out.with_suffix("")
     out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out.with_name(out.name + ".json"), out.with_name(out.name + ".md")
+    json_path, md_path, png_path = (out.with_name(out.name + suffix) for suffix in (".json", ".md", ".png"))
     json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md_path.write_text(markdown(report))
-    return json_path, md_path
+    report_plot(report).save(png_path)
+    md_path.write_text(markdown(report, png_path.name))
+    return json_path, md_path, png_path
 
 
 def evaluate_command(args) -> None:
     """`chimle evaluate`: run one mode, write the report, print its table."""
     options = Options(samples_per_input=args.num, seed=args.seed, crop=args.crop, tiles=args.tiles,
                       lpips=args.lpips, fwv_distance=args.fwv_distance, fwv_spread=args.fwv_spread,
-                      batch=args.batch, inception=args.inception, save_samples=args.save_samples, device=args.device)
+                      batch=args.batch, inception=args.inception, save_samples=args.save_samples, device=args.device,
+                      fid_resize=args.fid_resize, diversity_pairs=args.diversity_pairs,
+                      consistency_tolerance=args.consistency_tolerance)
     if args.tiles and not args.crop:
         raise ConfigError("--tiles needs --crop SIZE (the side of the tiles)")
     if args.model:
@@ -553,8 +764,8 @@ def evaluate_command(args) -> None:
         if args.data is None:
             raise ConfigError("--samples needs --real DIR: the ground-truth images, matched to the samples by stem")
         report = evaluate_samples(args.samples, args.data, args.inputs, args.task, options, args.overrides, args.scale)
-    json_path, md_path = write_report(report, args.out)
+    json_path, md_path, png_path = write_report(report, args.out)
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    print("\n".join(line for line in markdown(report).splitlines() if line.startswith("|")))
-    print(f"report: {json_path} and {md_path}")
+    print("\n".join(_table(report)))
+    print(f"report: {json_path}, {md_path} and {png_path}")

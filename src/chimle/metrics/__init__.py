@@ -1,1 +1,2 @@
-"""Evaluation metrics: FID, LPIPS diversity, faithfulness-weighted variance, fidelity."""
+"""Evaluation metrics: FID/KID, precision/recall, density/coverage, conditional scores, LPIPS diversity,
+faithfulness-weighted variance, fidelity; and the evaluation plot."""

@@ -8,7 +8,9 @@
     fwv(d, s)                                            # {0.3: ..., 0.2: ..., 0.15: ...}
 
 LPIPS diversity (Zhu et al. 2017, BicycleGAN; the common protocol takes 19 pairs of 100 inputs) is the mean
-LPIPS between two samples of the same input; here over all pairs of the K samples.
+LPIPS between two samples of the same input; by default over all pairs of the K samples, or over a fixed set of
+pairs (`consecutive_pairs`: samples (0, 1), (1, 2), ..., (N-1, N), so 19 pairs chain 20 samples, our reading of
+the 19-pairs protocol).
 
 Faithfulness-weighted variance counts only samples near the truth as diversity: for input i with samples
 y_i1..y_iK and ground truth y_i, w_ij = exp(-d_ij² / (2 σ²)) and FWV_σ = mean over i, j of w_ij·s_ij. The
@@ -40,6 +42,14 @@ def pairwise_lpips(lpips: LPIPS, features: list[torch.Tensor], batch: int = 64) 
         i, j = pairs[start : start + batch].unbind(1)
         out.append(lpips.distance([f[i] for f in features], [f[j] for f in features]).cpu())
     return torch.cat(out)
+
+
+def consecutive_pairs(k: int, n: int) -> torch.Tensor:
+    """(K(K-1)/2,) bool mask, in `pairwise_lpips` order, of the n pairs of consecutive samples (0, 1) .. (n-1, n)."""
+    if not 1 <= n <= k - 1:
+        raise ValueError(f"{n} pairs of consecutive samples need at least {n + 1} samples per input, got {k}")
+    i, j = torch.combinations(torch.arange(k)).unbind(1)
+    return (j == i + 1) & (i < n)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """FID and KID on the pool3 features of the TF Inception-v3 (DESIGN.md §2.6).
 
     from chimle.metrics.fid import InceptionFeatures, fid, kid
-    extract = InceptionFeatures(device="cpu")       # weights from `chimle weights fetch`
+    extract = InceptionFeatures(device="cpu")       # weights from `chimle weights fetch`; resize="clean" for clean-fid's
     real, fake = extract(real_images), extract(generated_images)   # [0, 1] images -> (N, 2048) float64
     fid(real, fake)                                  # Fréchet distance, float64
     kid(real, fake)                                  # (mean, std) of the unbiased MMD² over subsets
@@ -10,7 +10,10 @@ Protocol, that of the reference TensorFlow code (Heusel et al. 2017) so that num
 images in [0, 1] are quantised to uint8 levels round(255 x) as if saved to PNG, resized to 299 x 299 by TF 1.x's
 bilinear ResizeBilinear (see `chimle.metrics.inception.preprocess`), scaled as (v - 128) / 128, and passed
 through the TF Inception-v3 of 2015-12-05 (`chimle.metrics.inception.FIDInception`) to its 2048-d pool3
-features. The TF graph resizes inside the network; here the resize is a separate, documented step.
+features. The TF graph resizes inside the network; here the resize is a separate, documented step. clean-fid
+(Parmar et al., "On Aliased Resizing and Surprising Subtleties in GAN Evaluation", CVPR 2022) keeps the network
+and the scaling but resizes with Pillow's anti-aliased bicubic filter instead (`resize="clean"`): the two give
+different FIDs for the same images, so a report names the one it used (`RESIZE`).
 
 FID is ||mu_r - mu_g||² + tr(S_r + S_g - 2 (S_r S_g)^½) with the unbiased covariances (ddof = 1), computed in
 float64 without a general matrix square root: tr (S_r S_g)^½ is the sum of the square roots of the eigenvalues
@@ -34,11 +37,16 @@ MIN_IMAGES_FOR_FID = 2048  # below this many images per set the 2048-d covarianc
 KID_SUBSET_SIZE = 1000  # images per KID subset (Bińkowski et al. 2018)
 KID_SUBSETS = 100  # random subsets whose MMD² is averaged
 
+RESIZE = {  # the two resize conventions of chimle.metrics.inception.RESIZES, as reports name them
+    "tf": f"tf: to {INPUT_SIZE}x{INPUT_SIZE}, bilinear as TF 1.x ResizeBilinear (align_corners=False, "
+          "half_pixel_centers=False, no anti-aliasing), on the uint8 levels, not re-rounded (the TF FID code's)",
+    "clean": f"clean: to {INPUT_SIZE}x{INPUT_SIZE}, Pillow BICUBIC (anti-aliased) per channel on the uint8 levels "
+             "as 32-bit floats, clipped to [0, 255], not re-rounded (clean-fid's, Parmar et al. 2022)",
+}
 PROTOCOL = {
     "network": "TF Inception-v3 2015-12-05, pool3 (2048-d), as chimle.metrics.inception.FIDInception",
     "quantisation": "round(255 x) to uint8 levels, as images saved to PNG",
-    "resize": f"to {INPUT_SIZE}x{INPUT_SIZE}, bilinear as TF 1.x ResizeBilinear (align_corners=False, "
-              "half_pixel_centers=False, no anti-aliasing), on the uint8 levels, not re-rounded",
+    "resize": RESIZE["tf"],
     "scaling": "(v - 128) / 128",
     "frechet": "float64; unbiased covariances (ddof=1); tr sqrt(S1 S2) from the eigenvalues of S1^1/2 S2 S1^1/2, "
                "or with fewer images than dimensions from the singular values of A1 A2^T (centred features)",
@@ -47,21 +55,26 @@ PROTOCOL = {
 
 
 class InceptionFeatures:
-    """Images in [0, 1] (N, 3, H, W) -> pool3 features (N, 2048) float64, `batch` images at a time."""
+    """Images in [0, 1] (N, 3, H, W) -> pool3 features (N, 2048) float64, `batch` images at a time, resized to
+    299 x 299 by the convention `resize` names (a key of RESIZE)."""
 
-    def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu", batch: int = 16):
+    def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu", batch: int = 16,
+                 resize: str = "tf"):
         from chimle.weights import resolve
 
+        if resize not in RESIZE:
+            raise ValueError(f"unknown FID resize {resize!r}; choose from {list(RESIZE)}")
         self.file = resolve("inception-fid", weights)
         self.model = load_inception(weights, device)
         self.device = torch.device(device)
         self.batch = batch
+        self.resize = resize
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         chunks = [np.zeros((0, 2048))]
         for start in range(0, len(images), self.batch):
-            x = preprocess(images[start : start + self.batch].to(self.device))
+            x = preprocess(images[start : start + self.batch].to(self.device), self.resize)
             chunks.append(self.model(x).cpu().double().numpy())
         return np.concatenate(chunks)
 

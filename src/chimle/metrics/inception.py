@@ -15,6 +15,7 @@ Usage:
 
     model = load_inception(device="cuda")  # weights from chimle.weights' cache
     feats = model(preprocess(images))      # images in [0, 1], (N, 3, H, W) -> (N, 2048) float32
+    feats = model(preprocess(images, resize="clean"))    # clean-fid's resize instead of TF's
 
 Parameter names follow torchvision's (lower-cased: `mixed_5b.branch3x3dbl_2.weight`), so that pytorch-fid's
 `pt_inception-2015-12-05-6726825d.pth` maps onto them almost one to one (`state_from_pytorch_fid`).
@@ -222,21 +223,69 @@ def tf_bilinear_matrix(n_in: int, n_out: int, device=None) -> torch.Tensor:
     return matrix.to(device)
 
 
-def preprocess(images: torch.Tensor) -> torch.Tensor:
-    """Turn [0, 1] float images (N, 3, H, W) into FIDInception's input (N, 3, 299, 299), as the TF FID code does.
+def _bicubic(t: torch.Tensor) -> torch.Tensor:
+    """Keys' cubic convolution kernel with a = -0.5 (support 2), Pillow's BICUBIC filter."""
+    a, t = -0.5, t.abs()
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = (((t - 5) * t + 8) * t - 4) * a
+    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
 
-    The reference TF code feeds uint8 images to the graph, which casts them to float, resizes them to 299x299
-    with TF 1.x's ResizeBilinear (legacy pixel grid: output i samples input i * in/out; no anti-aliasing, so
-    images larger than 299 px alias, as they do there) and scales them as (v - 128) / 128. So: quantise to uint8
-    levels round(255 x), as saved images would be; resize the float levels that way without re-rounding; scale.
+
+def pil_bicubic_matrix(n_in: int, n_out: int, device=None) -> torch.Tensor:
+    """(n_out, n_in) float64 weights of Pillow's BICUBIC resize along one axis (Resample.c): output i is centred
+    on input coordinate (i + 0.5) * n_in / n_out; when shrinking, the kernel is stretched by the factor
+    n_in / n_out (anti-aliasing); taps outside the image are dropped and each row renormalised to sum to 1."""
+    scale = n_in / n_out
+    stretch = max(scale, 1.0)
+    support = 2.0 * stretch
+    centre = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale
+    # Pillow takes the pixels int(centre - support + 0.5) .. int(centre + support + 0.5) - 1, clipped to the image.
+    first = (centre - support + 0.5).long().clamp(min=0)
+    last = (centre + support + 0.5).long().clamp(max=n_in)
+    x = torch.arange(n_in, dtype=torch.float64)
+    weights = _bicubic((x[None] - centre[:, None] + 0.5) / stretch)
+    weights = weights * ((x[None] >= first[:, None]) & (x[None] < last[:, None]))
+    return (weights / weights.sum(1, keepdim=True)).to(device)
+
+
+def clean_resize(levels: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """clean-fid's resize (Parmar et al., CVPR 2022): float uint8 levels (N, C, H, W), each channel resized by
+    Pillow's anti-aliased BICUBIC on a 32-bit float image, then clipped to [0, 255]. Pillow resizes the rows
+    first, keeping the intermediate image in float32, then the columns; so do we, with float64 sums."""
+    h, w = levels.shape[-2:]
+    x = levels.double()
+    if w != size:
+        x = (x @ pil_bicubic_matrix(w, size, x.device).T).float().double()
+    if h != size:
+        x = pil_bicubic_matrix(h, size, x.device) @ x
+    return x.float().clamp(0, 255)
+
+
+def tf_resize(levels: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """The reference TF FID code's resize: TF 1.x ResizeBilinear of the float levels (legacy pixel grid: output
+    i samples input i * in/out; no anti-aliasing, so images larger than 299 px alias, as they do there)."""
+    h, w = levels.shape[-2:]
+    if (h, w) == (size, size):
+        return levels
+    return tf_bilinear_matrix(h, size, levels.device) @ levels @ tf_bilinear_matrix(w, size, levels.device).T
+
+
+RESIZES = {"tf": tf_resize, "clean": clean_resize}  # FID conventions: the TF reference code's, and clean-fid's
+
+
+def preprocess(images: torch.Tensor, resize: str = "tf") -> torch.Tensor:
+    """Turn [0, 1] float images (N, 3, H, W) into FIDInception's input (N, 3, 299, 299).
+
+    Both conventions quantise to uint8 levels round(255 x), as saved images would be, resize the float levels to
+    299 x 299 without re-rounding, and scale them as (v - 128) / 128. `resize` picks how: "tf", as the TF FID
+    code's graph does (Heusel et al. 2017; `tf_resize`), or "clean", as clean-fid does (`clean_resize`).
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"preprocess expects (N, 3, H, W) images in [0, 1], got shape {tuple(images.shape)}")
+    if resize not in RESIZES:
+        raise ValueError(f"unknown FID resize {resize!r}; choose from {list(RESIZES)}")
     x = (images.float() * 255).round().clamp(0, 255)
-    h, w = x.shape[-2:]
-    if (h, w) != (INPUT_SIZE, INPUT_SIZE):
-        x = tf_bilinear_matrix(h, INPUT_SIZE, x.device) @ x @ tf_bilinear_matrix(w, INPUT_SIZE, x.device).T
-    return (x - 128) / 128
+    return (RESIZES[resize](x) - 128) / 128
 
 
 # ----------------------------------------------------------------------------------------------------------
