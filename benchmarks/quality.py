@@ -17,8 +17,9 @@ Scoring (LPIPS-VGG throughout, 8 samples per input, seed 0), on two held-out set
     photos    one centre 128 px tile of each held-out photo of the open photo set (chimle.photoset), if built
 per set: best-of-8 and mean LPIPS to the ground truth as a ratio to the task's baseline (bicubic upsampling, the
 grey image, the JPEG; ratio of the means over tiles, lower is better), LPIPS diversity (mean over pairs of
-samples of one input), consistency with the input (chimle.evaluate.consistency) and KID (Inception pool3; two
-samples per input against the targets). Snapshots of the model along the way give the learning curve (best-of-8
+samples of one input), consistency with the input (chimle.evaluate.consistency), and KID, precision and recall
+(k = 3) and coverage (k = 5) on Inception pool3 features (chimle.metrics; two samples per input against the
+targets: with some 60 real images these say more about one configuration against another than in absolute terms). Snapshots of the model along the way give the learning curve (best-of-8
 ratio on the builtin tiles against training CPU-minutes). Writes benchmarks/results/quality.{md,json,png}.
 """
 
@@ -43,7 +44,7 @@ from chimle import tasks, train as training  # noqa: E402
 from chimle.data import center_crop, list_images, load_image  # noqa: E402
 from chimle.evaluate import baseline_output, consistency  # noqa: E402
 from chimle.generator import Generator, initialise  # noqa: E402
-from chimle.metrics import fid as fid_lib  # noqa: E402
+from chimle.metrics import fid as fid_lib, manifold  # noqa: E402
 from chimle.metrics.diversity import pairwise_lpips  # noqa: E402
 from chimle.perceptual import LPIPS, Distance  # noqa: E402
 from chimle.search import codes_from  # noqa: E402
@@ -137,7 +138,9 @@ def score(model_file: Path, sets: dict, full: bool, lpips: LPIPS, inception=None
         summary = {**mean, "ratio_best": mean["best"] / mean["baseline"], "ratio_mean": mean["mean"] / mean["baseline"],
                    "tiles": len(rows)}
         if full:
-            summary["kid"] = fid_lib.kid(np.concatenate(real), np.concatenate(fake), seed=0)[0]
+            real, fake = np.concatenate(real), np.concatenate(fake)
+            summary["kid"] = fid_lib.kid(real, fake, seed=0)[0]
+            summary.update(manifold.prdc(real, fake))
         out[set_name] = summary
     return out
 
@@ -287,7 +290,8 @@ def run(task: str, budget: float, names: list[str], seeds: list[int], jobs: int,
 # Report --------------------------------------------------------------------------------------------------
 
 COLUMNS = [("ratio_best", "best-of-8 / baseline"), ("ratio_mean", "mean / baseline"), ("diversity", "diversity"),
-           ("kid", "KID"), ("consistency", "consistency")]
+           ("kid", "KID"), ("precision", "precision"), ("recall", "recall"), ("coverage", "coverage"),
+           ("consistency", "consistency")]
 
 
 def summarise(results: list[dict]) -> dict:
@@ -314,7 +318,8 @@ def markdown(table: dict, run: dict) -> str:
              f"Machine: {run['machine'].get('cpu_model')}; flags {run['machine'].get('cpu_flags')}.", "",
              "Ratios are LPIPS-VGG to the ground truth divided by the baseline's (bicubic / grey / JPEG), mean ± std over "
              "seeds; lower is better. Diversity: mean LPIPS-VGG between two samples of one input. KID: Inception "
-             f"pool3, {KID_SAMPLES} samples per input against the targets. Consistency: see chimle.evaluate.consistency "
+             f"pool3, {KID_SAMPLES} samples per input against the targets; precision and recall (k = 3) and coverage (k = 5) "
+             "on the same features. Consistency: see chimle.evaluate.consistency "
              "(super-resolution and decompression: PSNR in dB of the re-degraded sample against the input, higher is "
              "better; colourization: mean |ΔL|, lower is better).", ""]
     for key, configs in table.items():
