@@ -161,7 +161,14 @@ def load_state(path: str | Path) -> dict:
     or its contents do not match its checksum, CheckpointError if it is not a chimle training state."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()  # an I/O error here is no sign of a damaged file: it propagates
+    except OSError as error:
+        raise CheckpointError(f"{path} could not be read ({error.strerror or error}); it was left as it is: "
+                              "check the disk and try again") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
     except Exception as error:  # noqa: BLE001 - zip, unpickling and tensor errors all mean an unusable file
         reason = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
         raise CorruptCheckpointError(f"{path} cannot be read: it is truncated, corrupted, or not a file that loads "

@@ -23,7 +23,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     from chimle.tasks import TASKS
 
     parser.add_argument("--task", choices=list(TASKS), default=None, help="task (default: super-resolution)")
-    parser.add_argument("--preset", choices=PRESETS, default="small", help="model and schedule size (default: small)")
+    parser.add_argument("--preset", choices=PRESETS, default=None, help="model and schedule size (default: small)")
     parser.add_argument("--config", default=None, help="YAML file of settings applied over the preset")
     parser.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. -o model.blocks=2 -o train.lr=2e-4 (repeatable)")
@@ -182,7 +182,7 @@ def _convert(args) -> None:
 
 
 def _train(args) -> None:
-    from chimle.config import resolve
+    from chimle.config import resolve, user_settings
     from chimle.train import train
 
     overrides = list(args.overrides)
@@ -192,8 +192,12 @@ def _train(args) -> None:
         overrides.append(f"data.inputs={args.inputs}")
     if args.skip_bad:
         overrides.append("data.skip_bad=true")
-    config = resolve(task=args.task, preset=args.preset, file=args.config, overrides=overrides)
-    train(config, args.out, resume=args.resume, device=args.device)
+    if args.resume:  # the run's config.yaml, changed by what this command line sets (refused where it cannot apply)
+        settings = user_settings(args.config, overrides, task=args.task, preset=args.preset)
+        train(None, args.out, resume=True, device=args.device, settings=settings)
+        return
+    config = resolve(task=args.task, preset=args.preset or "small", file=args.config, overrides=overrides)
+    train(config, args.out, device=args.device)
 
 
 def _sample(args) -> None:
