@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from chimle import __version__
@@ -40,6 +41,23 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 0..65535 (0 picks a free one), got {value}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number greater than 0, got {text}")
     return value
 
 
@@ -137,18 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run directory or model file; repeat to offer several models on the page")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every network)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    serve.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0 picks a free one)")
     serve.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     serve.add_argument("--tile", type=_positive, default=None, metavar="PX",
                        help="render inputs larger than PX x PX input pixels in overlapping tiles (bounded memory)")
     serve.add_argument("--overlap", type=_non_negative, default=8, metavar="PX", help="tile overlap (default: 8)")
     serve.add_argument("--tile-stats", choices=("image", "tile"), default="image",
                        help="instance-norm statistics of tiles (default: image; see `chimle sample --help`)")
-    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted, MB (default: 20)")
+    serve.add_argument("--max-upload-mb", type=_positive_number, default=20.0,
+                       help="largest upload accepted, MB (default: 20)")
     serve.add_argument("--max-pixels", type=_positive, default=4_000_000,
                        help="largest input accepted, pixels (default: 4,000,000)")
     serve.add_argument("--max-output-pixels", type=_positive, default=4_194_304,
                        help="largest output rendered, pixels (default: 4,194,304 = 2048 x 2048; raise it with --tile)")
+    serve.add_argument("--client-timeout", type=_positive_number, default=30.0, metavar="SECONDS",
+                       help="a connection that sends nothing for this long, or takes 4x as long to send one request, "
+                            "is closed (default: 30)")
 
     demo = commands.add_parser("demo", help="train a small model on the built-in data, then sample held-out photos")
     demo.add_argument("--task", choices=list(TASKS), default="super-resolution",
