@@ -86,6 +86,21 @@ def atomic_write(path: str | Path, content: bytes | memoryview | Callable[[Path]
         os.close(dir_fd)
 
 
+def check_folder(path: str | Path, what: str = "--out") -> Path:
+    """Refuse, before any work, a folder to write into that is a file, lies under a file, or cannot be made or
+    written to; nothing is created here."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if existing != path and not existing.is_dir():
+        raise CheckpointError(f"{what} {path} lies under {existing}, which is a file; give a folder path")
+    if not existing.is_dir():
+        raise CheckpointError(f"{what} {path} is a file; give a folder (it is created if needed)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{what} {path}: cannot write in {existing} (permission denied); give a folder you "
+                              "can write to")
+    return path
+
+
 def _write_all(fd: int, content: bytes | memoryview) -> None:
     with memoryview(content) as view:
         written = 0

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--tile-stats", choices=("image", "tile"), default="image",
                         help="instance-norm statistics of tiles: the whole image's (extra passes; default) or each "
                              "tile's own (one pass, further from the untiled render)")
+    sample.add_argument("--max-output-pixels", type=_positive, default=4_194_304, metavar="PIXELS",
+                        help="largest output rendered, pixels (default: 4,194,304 = 2048 x 2048); larger outputs are "
+                             "refused before anything is rendered: raise it with --tile to render them in bounded "
+                             "memory")
     sample.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 
     evaluate = commands.add_parser("evaluate", help="FID, KID, LPIPS diversity, FWV, fidelity and consistency of a "
@@ -269,13 +273,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(error: Exception) -> bool:
-    """Errors that describe bad input or a missing file, which the user can fix: shown without a traceback."""
+    """Errors that describe bad input or a missing file, which the user can fix: shown without a traceback. Other
+    errors (a FileNotFoundError too) are bugs, and keep their traceback."""
     from chimle.checkpoint import CheckpointError
     from chimle.config import ConfigError
     from chimle.data import DataError
     from chimle.tasks import TaskError
 
-    known = (CheckpointError, ConfigError, DataError, TaskError, FileNotFoundError, FloatingPointError)
+    from chimle.weights import MissingWeightsError
+
+    known = (CheckpointError, ConfigError, DataError, TaskError, MissingWeightsError, FloatingPointError)
     return isinstance(error, known)
 
 

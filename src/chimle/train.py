@@ -36,7 +36,7 @@ from tqdm import tqdm
 from chimle import checkpoint, distributed, tasks
 from chimle import weights as weights_lib
 from chimle.checkpoint import (MODEL_FILE, CheckpointError, CorruptCheckpointError, atomic_write, check_fits,
-                               check_state, crash_point, disk_errors, save_model)
+                               check_folder, check_state, crash_point, disk_errors, save_model)
 from chimle.config import Config, ConfigError, changed, fixed_changes, from_dict, load_run
 from chimle.data import ImageFolder, PairedFolder, builtin_photos, seeded
 from chimle.generator import Generator
@@ -274,6 +274,7 @@ def _prepare_run(config: Config | None, files: RunFiles, resume: bool,
         elif config is not None and not settings and config != run_config:
             print(f"resuming with the run's own settings from {saved}")
         return run_config, state
+    check_folder(files.dir)
     if saved.exists() or files.states():
         raise CheckpointError(f"{files.dir} already holds a run; give --resume to continue it or choose another --out")
     return config, None
@@ -345,7 +346,8 @@ def train(config: Config | None, out: str | Path, resume: bool = False, device: 
     dataset = training_set(config)
     folder = dataset.files[0].parent
     if state is None and not resume and world.is_main:  # only now: bad data leaves no half-made run behind
-        files.dir.mkdir(parents=True, exist_ok=True)
+        with disk_errors(files.dir):
+            files.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(files.dir / "config.yaml", lambda tmp: tmp.write_text(config.to_yaml()))
 
     # Construct networks, or restore them.
