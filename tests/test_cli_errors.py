@@ -60,7 +60,8 @@ def test_a_write_that_fails_is_one_line(model, tmp_path, capsys, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(checkpoint, "_write_all", refuse)
-    err = fails(capsys, "sample", "--model", model, "--input", image(tmp_path / "in.png", 4, 4), "--out", tmp_path / "o")
+    photo = image(tmp_path / "in.png", 4, 4)
+    err = fails(capsys, "sample", "--model", model, "--input", photo, "--out", tmp_path / "o")
     assert "could not write" in err and "in_0.png: Permission denied" in err
 
 

@@ -8,8 +8,9 @@ the round's search result. It loads with `torch.load(weights_only=True)`, which 
 containers and never runs code from the file, and carries a sha256 of its contents, so a truncated or
 bit-flipped file is reported by name instead of resuming from garbage.
 
-Every file is written through `atomic_write`: a temporary file in the same folder, fsync, rename. A process
-killed at any moment, or a full disk, leaves the previous file whole.
+Model files, training states and every other file chimle writes whole (configs, samples, grids, reports) go
+through `atomic_write`: a temporary file in the same folder, fsync, rename. A process killed at any moment, or a
+full disk, leaves the previous file whole. Logs are appended line by line instead.
 """
 
 from __future__ import annotations

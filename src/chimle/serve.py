@@ -730,8 +730,9 @@ def serve_command(args) -> None:
         try:
             server = Server(app, args.host, args.port, verbose=True)
         except (OSError, OverflowError) as error:
-            raise ConfigError(f"cannot listen on {args.host}:{args.port} ({getattr(error, 'strerror', None) or error}); "
-                              "give another --port (0 picks a free one)") from None
+            reason = getattr(error, "strerror", None) or error
+            raise ConfigError(f"cannot listen on {args.host}:{args.port} ({reason}); give another --port (0 picks a "
+                              "free one)") from None
         if not server.local_only:
             print(f"warning: listening on {args.host}: anyone who can reach this address can use the page",
                   file=sys.stderr)
