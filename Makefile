@@ -1,5 +1,5 @@
 # The two commands of the quick start:
-#   make demo   train a small super-resolution model on the built-in photos (CPU, about 15 minutes), then sample
+#   make demo   train a small super-resolution model on the built-in photos (CPU, under 10 minutes), then sample
 #   make test   run the test suite
 # Each creates .venv on first use, installs CPU PyTorch and the package, and fetches the pretrained weights.
 # For a CUDA build of PyTorch: make test TORCH="torch --index-url https://download.pytorch.org/whl/cu124"

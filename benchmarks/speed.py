@@ -22,7 +22,7 @@ ru_maxrss: Python, PyTorch, the model, LPIPS and the measurement) is its own. Ph
     bf16     whether a bfloat16-autocast search chooses the float32 codes, and a bf16 training step and its
              effect on the loss (on devices without bf16 arithmetic at 1/8 of the widths: 10-40x slower there)
     train    one float32 training step at batch 1: naive (anomaly detection on), then each training lever
-    sample   images per second: naive, chimle.sample as it is, fixed weights, batched
+    sample   images per second: naive, fixed weights, chimle.sample as shipped; batch 1 and batched
 With one torch thread on a CPU (--threads 1) every time is the process's CPU time, which other work on a shared
 machine cannot inflate; otherwise wall time. Writes OUT/speed.json and OUT/speed.md (OUT: benchmarks/results).
 """
@@ -30,6 +30,7 @@ machine cannot inflate; otherwise wall time. Writes OUT/speed.json and OUT/speed
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -430,8 +431,9 @@ def sampler(generator: Generator, task, inputs: list[torch.Tensor], n: int):
 
 
 def phase_sample(spec: dict, device: torch.device) -> dict:
-    """Images per second: the naive way, `chimle.sample.Model.sample` as it is, and under `fixed_weights`."""
-    from chimle.sample import Model
+    """Images per second: the naive way, under `fixed_weights`, and `chimle.sample.Model` as shipped (which
+    prepares a copy of the weights the same way once)."""
+    from chimle.sample import Model, variations
 
     config = make_config("super-resolution", spec["quick"])
     generator, _, task = build(config, device)
@@ -451,12 +453,13 @@ def phase_sample(spec: dict, device: torch.device) -> dict:
     rows = {}
     with torch.no_grad():
         rows["naive (weight norm every forward, NCHW, no_grad), batch 1"] = rate(lambda: render(1))
-    model = Model(generator, config, device)
-    rows["chimle.sample.Model.sample as it is (folds on every call), batch 1"] = rate(
-        lambda: model.sample(inputs[0][0].cpu(), n=n, seed=0))
     with fixed_weights(generator, device):
         rows["fixed_weights (folded, channels-last, inference mode), batch 1"] = rate(lambda: render(1))
         rows[f"fixed_weights, batch {batch}"] = rate(lambda: render(batch))
+    model = Model(copy.deepcopy(generator), config, device)
+    image, sources = inputs[0][0].cpu(), variations([(0, 0)] * config.model.levels, set(), 0, n)
+    rows["chimle.sample.Model.sample as shipped, batch 1"] = rate(lambda: model.sample(image, n=n, seed=0))
+    rows[f"chimle.sample.Model.render, batch {batch}"] = rate(lambda: model.render(image, sources, batch=batch))
     return {"images_per_second": rows, "images": n, "output_px": TASKS["super-resolution"],
             "peak_rss_gib": peak_rss_gib()}
 

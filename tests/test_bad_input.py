@@ -281,3 +281,13 @@ def test_greyscale_images_are_refused_for_colourization(tmp_path):
     assert stems == {"colour"}
     strict = ImageFolder(tmp_path / "colour.png", crop=32, colour=True)  # one colour file is fine
     assert strict.example(0, 0).image.shape == (3, 32, 32)
+
+
+def test_a_dark_sixteen_bit_image_is_not_read_as_an_eight_bit_one(tmp_path):
+    """Pillow reads 16-bit PGM (and some 16-bit PNG and TIFF) as mode I: its values are 16-bit whatever their
+    largest, so a dark image, all of whose values are at most 255, stays dark."""
+    values = np.array([[0, 100, 200, 255]], dtype=">u2")
+    (tmp_path / "dark.pgm").write_bytes(b"P5\n4 1\n65535\n" + values.tobytes())
+    assert Image.open(tmp_path / "dark.pgm").mode == "I"
+    image = load_image(tmp_path / "dark.pgm")
+    torch.testing.assert_close(image[0, 0], torch.from_numpy(values[0] / 65535).float(), atol=0.5 / 255, rtol=0)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from chimle.checkpoint import CheckpointError, load_model
+from chimle.cli import main
 from chimle.convert import convert_file, convert_state, to_official
 from chimle.generator import Generator
 from conftest import randomize, tiny_config
@@ -75,3 +76,17 @@ def test_wrong_task_and_foreign_files_are_refused(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="loads safely"):
         convert_file(tmp_path / "junk.pth", "super-resolution", tmp_path / "out")
+
+
+def test_incomplete_or_damaged_official_files_are_refused_in_one_line(tmp_path, capsys):
+    _, state = official_state("super-resolution")
+    for broken, message in (({k: v for k, v in state.items() if k != "level_1_out.0.weight_v"},
+                             "the official file lacks 'level_1_out.0.weight_v'"),
+                            ({**state, "level_1_feat.0.weight_v": torch.zeros(())}, "tensors of the wrong shape"),
+                            ({k: v for k, v in state.items() if "transform_" not in k}, "describe no valid generator")):
+        torch.save(broken, tmp_path / "official.pth")
+        code = main(["convert", str(tmp_path / "official.pth"), "--task", "super-resolution",
+                     "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -1,7 +1,9 @@
 """Several processes (gloo on the CPU): the collectives, and a 2-process run against a 1-process run."""
 
+import copy
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -64,8 +66,54 @@ def _collectives(rank: int, port: int) -> None:
     loss = torch.tensor([float("nan") if rank == 1 else 0.5])
     assert not torch.isfinite(distributed.average_gradients(list(model.parameters()), loss)).all()
 
+    # Gradients go to the all-reduce in buckets while backward still runs (here 4 buckets, of one tensor each).
+    sent, phase = [], ["backward"]
+    all_reduce = dist.all_reduce
+
+    def recording(tensor, *args, **kwargs):
+        sent.append(phase[0])
+        return all_reduce(tensor, *args, **kwargs)
+
+    deep = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Linear(8, 2))
+    whole = copy.deepcopy(deep)
+    ((whole(x) - y) ** 2).mean().backward()
+    buckets = distributed.GradientBuckets(list(deep.parameters()), bucket_bytes=64)
+    dist.all_reduce = recording
+    try:
+        loss = ((deep(x[mine]) - y[mine]) ** 2).mean()
+        loss.backward()
+        phase[0] = "after"
+        buckets.average(loss.detach().view(1))
+    finally:
+        dist.all_reduce = all_reduce
+        buckets.remove()
+    assert sent == ["backward"] * 4 + ["after"]  # the last: the losses
+    for a, b in zip(deep.parameters(), whole.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
     # Rank 0 computes, everyone gets the result or the error.
     assert distributed.share_from_main(lambda: ("from", dist.get_rank())) == ("from", 0)
+    # Tensors travel as tensors: only the small rest is pickled.
+    state = {"generator": {"w": torch.arange(300_000.0).view(600, 500), "flag": torch.tensor(True)}, "step": 7,
+             "optimizer": {"state": {0: {"step": torch.tensor(3.0), "m": torch.ones(5, 3, dtype=torch.float64).t()}},
+                           "groups": [(1, 2)]}}
+    pickled, broadcast_object_list = [], dist.broadcast_object_list
+
+    def measuring(objects, *args, **kwargs):
+        pickled.append(len(pickle.dumps(objects)))
+        return broadcast_object_list(objects, *args, **kwargs)
+
+    dist.broadcast_object_list = measuring
+    try:
+        got = distributed.share_from_main(lambda: ("config", state))
+    finally:
+        dist.broadcast_object_list = broadcast_object_list
+    assert got[0] == "config" and got[1]["step"] == 7 and got[1]["optimizer"]["groups"] == [(1, 2)]
+    assert torch.equal(got[1]["generator"]["w"], state["generator"]["w"]) and got[1]["generator"]["flag"].item()
+    moment = got[1]["optimizer"]["state"][0]["m"]
+    assert moment.dtype == torch.float64 and torch.equal(moment, torch.ones(3, 5, dtype=torch.float64))
+    if rank == 0:
+        assert pickled[0] < 2000  # the 1.2 MB of tensors went by broadcast
     with pytest.raises(CheckpointError, match="only rank 0 looked"):
         distributed.share_from_main(lambda: (_ for _ in ()).throw(CheckpointError("only rank 0 looked")))
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from chimle import checkpoint
 from chimle.checkpoint import CheckpointError, content_digest, load_state, save_state
+from chimle.config import ConfigError
 from chimle.generator import Generator
 from chimle.train import train
 from conftest import tiny_config
@@ -131,8 +132,11 @@ def test_corrupted_newest_state_is_named_and_an_older_one_used(whole, tmp_path):
     with pytest.raises(checkpoint.CorruptCheckpointError, match=f"{newest.name} is corrupted"):
         load_state(newest)
     (out / "model.safetensors").unlink()
-    with pytest.warns(UserWarning, match=f"{newest.name} is corrupted.*trying an older state"):
+    with pytest.warns(UserWarning) as caught:
         train(tiny_config("super-resolution", *SETTINGS), out, resume=True)
+    messages = [str(w.message) for w in caught]
+    assert any(f"{newest.name} is corrupted" in m and "trying an older state" in m for m in messages)
+    assert any(m.startswith("resuming from the older state state-") for m in messages)  # and which one, loudly
     assert_same_weights(whole, out)
     # Truncated, every one: nothing to resume from, and the error lists them.
     for path in checkpoint_files(out):
@@ -158,13 +162,14 @@ def test_foreign_checkpoints_are_refused_by_name(whole, tmp_path):
     state = load_state(checkpoint_files(whole)[-1])
     other = tiny_config("colourization", *SETTINGS)
     save_state(newest, {**state, "config": other.to_yaml(), "generator": Generator(other.model).state_dict()})
-    with pytest.raises(CheckpointError, match="state-000000099.pt was written by a colourization run, but this run "
-                                              "trains super-resolution"):
+    with pytest.raises(ConfigError, match="state-000000099.pt was trained with .*task='colourization', but .*"
+                                          "config.yaml has .*task='super-resolution'; a resumed run cannot change"):
         train(config, out, resume=True)
 
     bigger = tiny_config("super-resolution", *SETTINGS, "model.channels=[12,12]")
     save_state(newest, {**state, "config": bigger.to_yaml(), "generator": Generator(bigger.model).state_dict()})
-    with pytest.raises(CheckpointError, match=r"another model size \(model.channels: file \[12, 12\], run \[8, 8\]"):
+    with pytest.raises(ConfigError, match=r"trained with model.channels=\[12, 12\], but .* has model.channels=\[8, 8\]"
+                                          r".* move it out of the run directory"):
         train(config, out, resume=True)
 
     # Our config but someone else's tensors: every difference is listed.

@@ -3,6 +3,7 @@
 import http.client
 import io
 import json
+import socket
 import threading
 import time
 
@@ -15,7 +16,7 @@ from chimle.checkpoint import save_model
 from chimle.cli import build_parser
 from chimle.generator import Generator
 from chimle.sample import Model, png_bytes
-from chimle.serve import App, Limits, Server, clean_name, model_names
+from chimle.serve import App, Limits, Server, clean_name, fitting_size, model_names
 from conftest import randomize, tiny_config
 
 
@@ -201,3 +202,76 @@ def test_names_and_defaults():
     assert clean_name("..%2F..%2Fa%3Cb%3E.png") == "a_b_.png" and clean_name("") == "upload"
     args = build_parser().parse_args(["serve", "--model", "runs/a", "--model", "runs/b"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.model == ["runs/a", "runs/b"]
+
+
+def test_downloads_that_render_count_against_the_queue(server):
+    image = upload(server, png(4, 4))["id"]
+    answers = []
+
+    def download(k):
+        query = f"/api/download?model=super-resolution&image={image}&sources={k}:0,{k}:0"
+        answers.append(request(server, "GET", query)[0])
+
+    with server.app.model_lock:  # renders wait: each download that must render holds a place in the queue
+        threads = [threading.Thread(target=download, args=(100 + k,)) for k in range(6)]
+        [t.start() for t in threads]
+        deadline = time.time() + 10
+        while len(answers) < 3 and time.time() < deadline:  # queue=3: the other three are refused at once
+            time.sleep(0.02)
+        assert answers == [503, 503, 503]
+        busy = api(server, "POST", "/api/jobs", {"model": "super-resolution", "image": image}, status=503)
+        assert "busy with 3 requests" in busy["error"]
+    [t.join() for t in threads]
+    assert sorted(answers) == [200, 200, 200, 503, 503, 503] and server.app.downloads == 0
+
+
+def test_finished_results_are_kept_up_to_a_number_of_bytes(server):
+    app, image = server.app, upload(server, png(4, 4))["id"]
+    jobs = [api(server, "POST", "/api/jobs", {"model": "super-resolution", "image": image, "n": 3, "seed": s},
+                status=202)["id"] for s in range(2)]
+    assert all(wait(server, job)["state"] == "done" for job in jobs)
+    one_job = sum(len(r) for r in app.jobs[jobs[0]].results)
+    limit, app.limits.result_bytes = app.limits.result_bytes, int(2.5 * one_job)
+    try:
+        more = [api(server, "POST", "/api/jobs", {"model": "super-resolution", "image": image, "n": 3, "seed": s},
+                    status=202)["id"] for s in range(2, 4)]
+        assert all(wait(server, job)["state"] == "done" for job in more)
+        assert app.result_bytes == sum(len(r) for j in app.jobs.values() for r in j.results) <= 2.5 * one_job
+        assert jobs[0] not in app.jobs and more[-1] in app.jobs  # the oldest went first
+        assert "sample again" in api(server, "GET", f"/api/jobs/{jobs[0]}", status=404)["error"]
+    finally:
+        app.limits.result_bytes = limit
+
+
+def test_a_client_sending_a_byte_now_and_then_is_cut_off(tmp_path):
+    """The idle timeout alone would never end it: the whole request must arrive within 4 timeouts."""
+    config = tiny_config("super-resolution")
+    save_model(tmp_path / "sr" / "model.safetensors", Generator(config.model), config)
+    app = App({"sr": Model.load(tmp_path / "sr", device="cpu")}, Limits(client_timeout=0.3))
+    server = Server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        with socket.create_connection(server.server_address[:2], timeout=5) as s:
+            try:
+                for byte in b"GET /api/models HTTP/1.1\r\nHost: localhost\r\n" * 10:
+                    s.sendall(bytes([byte]))
+                    time.sleep(0.1)
+                closed = s.recv(100) == b""
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+        assert closed and time.monotonic() - started < 4 * 0.3 + 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        app.close()
+
+
+def test_the_size_suggested_for_a_too_large_input_fits_and_is_the_largest():
+    for width, height, multiple, scale in [(129, 128, 1, 16), (1000, 3, 1, 4), (40, 64, 8, 1), (9, 5000, 1, 2)]:
+        limit = 128 * 128 * 16 * 16 // (multiple * scale)
+        w, h = fitting_size(width, height, multiple, scale, limit)
+        assert w * h * scale * scale <= limit and w % multiple == 0 and h % multiple == 0 and w <= width and h <= height
+        assert (w + multiple) * h * scale**2 > limit or w + multiple > width
+        assert w * (h + multiple) * scale**2 > limit or h + multiple > height
+    assert fitting_size(129, 128, 1, 16, 2048 * 2048) == (128, 128)

@@ -8,8 +8,9 @@ the round's search result. It loads with `torch.load(weights_only=True)`, which 
 containers and never runs code from the file, and carries a sha256 of its contents, so a truncated or
 bit-flipped file is reported by name instead of resuming from garbage.
 
-Every file is written through `atomic_write`: a temporary file in the same folder, fsync, rename. A process
-killed at any moment, or a full disk, leaves the previous file whole.
+Model files, training states and every other file chimle writes whole (configs, samples, grids, reports) go
+through `atomic_write`: a temporary file in the same folder, fsync, rename. A process killed at any moment, or a
+full disk, leaves the previous file whole. Logs are appended line by line instead.
 """
 
 from __future__ import annotations
@@ -84,6 +85,21 @@ def atomic_write(path: str | Path, content: bytes | memoryview | Callable[[Path]
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def check_folder(path: str | Path, what: str = "--out") -> Path:
+    """Refuse, before any work, a folder to write into that is a file, lies under a file, or cannot be made or
+    written to; nothing is created here."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if existing != path and not existing.is_dir():
+        raise CheckpointError(f"{what} {path} lies under {existing}, which is a file; give a folder path")
+    if not existing.is_dir():
+        raise CheckpointError(f"{what} {path} is a file; give a folder (it is created if needed)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{what} {path}: cannot write in {existing} (permission denied); give a folder you "
+                              "can write to")
+    return path
 
 
 def _write_all(fd: int, content: bytes | memoryview) -> None:
@@ -161,7 +177,14 @@ def load_state(path: str | Path) -> dict:
     or its contents do not match its checksum, CheckpointError if it is not a chimle training state."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()  # an I/O error here is no sign of a damaged file: it propagates
+    except OSError as error:
+        raise CheckpointError(f"{path} could not be read ({error.strerror or error}); it was left as it is: "
+                              "check the disk and try again") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
     except Exception as error:  # noqa: BLE001 - zip, unpickling and tensor errors all mean an unusable file
         reason = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
         raise CorruptCheckpointError(f"{path} cannot be read: it is truncated, corrupted, or not a file that loads "

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from chimle import __version__
@@ -24,7 +25,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     from chimle.tasks import TASKS
 
     parser.add_argument("--task", choices=list(TASKS), default=None, help="task (default: super-resolution)")
-    parser.add_argument("--preset", choices=PRESETS, default="small", help="model and schedule size (default: small)")
+    parser.add_argument("--preset", choices=PRESETS, default=None, help="model and schedule size (default: small)")
     parser.add_argument("--config", default=None, help="YAML file of settings applied over the preset")
     parser.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. -o model.blocks=2 -o train.lr=2e-4 (repeatable)")
@@ -41,6 +42,23 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 0..65535 (0 picks a free one), got {value}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number greater than 0, got {text}")
     return value
 
 
@@ -102,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--tile-stats", choices=("image", "tile"), default="image",
                         help="instance-norm statistics of tiles: the whole image's (extra passes; default) or each "
                              "tile's own (one pass, further from the untiled render)")
+    sample.add_argument("--max-output-pixels", type=_positive, default=4_194_304, metavar="PIXELS",
+                        help="largest output rendered, pixels (default: 4,194,304 = 2048 x 2048); larger outputs are "
+                             "refused before anything is rendered: raise it with --tile to render them in bounded "
+                             "memory")
     sample.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 
     evaluate = commands.add_parser("evaluate", help="FID, KID, LPIPS diversity, FWV, fidelity and consistency of a "
@@ -154,18 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run directory or model file; repeat to offer several models on the page")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every network)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    serve.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0 picks a free one)")
     serve.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     serve.add_argument("--tile", type=_positive, default=None, metavar="PX",
                        help="render inputs larger than PX x PX input pixels in overlapping tiles (bounded memory)")
     serve.add_argument("--overlap", type=_non_negative, default=8, metavar="PX", help="tile overlap (default: 8)")
     serve.add_argument("--tile-stats", choices=("image", "tile"), default="image",
                        help="instance-norm statistics of tiles (default: image; see `chimle sample --help`)")
-    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted, MB (default: 20)")
+    serve.add_argument("--max-upload-mb", type=_positive_number, default=20.0,
+                       help="largest upload accepted, MB (default: 20)")
     serve.add_argument("--max-pixels", type=_positive, default=4_000_000,
                        help="largest input accepted, pixels (default: 4,000,000)")
     serve.add_argument("--max-output-pixels", type=_positive, default=4_194_304,
                        help="largest output rendered, pixels (default: 4,194,304 = 2048 x 2048; raise it with --tile)")
+    serve.add_argument("--client-timeout", type=_positive_number, default=30.0, metavar="SECONDS",
+                       help="a connection that sends nothing for this long, or takes 4x as long to send one request, "
+                            "is closed (default: 30)")
 
     demo = commands.add_parser("demo", help="train a small model on the built-in data, then sample held-out photos")
     demo.add_argument("--task", choices=list(TASKS), default="super-resolution",
@@ -215,7 +241,7 @@ def _convert(args) -> None:
 
 
 def _train(args) -> None:
-    from chimle.config import resolve
+    from chimle.config import resolve, user_settings
     from chimle.train import train
 
     overrides = list(args.overrides)
@@ -225,8 +251,12 @@ def _train(args) -> None:
         overrides.append(f"data.inputs={args.inputs}")
     if args.skip_bad:
         overrides.append("data.skip_bad=true")
-    config = resolve(task=args.task, preset=args.preset, file=args.config, overrides=overrides)
-    train(config, args.out, resume=args.resume, device=args.device)
+    if args.resume:  # the run's config.yaml, changed by what this command line sets (refused where it cannot apply)
+        settings = user_settings(args.config, overrides, task=args.task, preset=args.preset)
+        train(None, args.out, resume=True, device=args.device, settings=settings)
+        return
+    config = resolve(task=args.task, preset=args.preset or "small", file=args.config, overrides=overrides)
+    train(config, args.out, device=args.device)
 
 
 def _sample(args) -> None:
@@ -276,14 +306,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(error: Exception) -> bool:
-    """Errors that describe bad input or a missing file, which the user can fix: shown without a traceback."""
+    """Errors that describe bad input or a missing file, which the user can fix: shown without a traceback. Other
+    errors (a FileNotFoundError too) are bugs, and keep their traceback."""
     from chimle.checkpoint import CheckpointError
     from chimle.config import ConfigError
     from chimle.data import DataError
     from chimle.photoset import PhotosetError
     from chimle.tasks import TaskError
 
-    known = (CheckpointError, ConfigError, DataError, PhotosetError, TaskError, FileNotFoundError,
+    from chimle.weights import MissingWeightsError
+
+    known = (CheckpointError, ConfigError, DataError, PhotosetError, TaskError, MissingWeightsError,
              FloatingPointError)
     return isinstance(error, known)
 

@@ -24,6 +24,7 @@ FLOAT_LISTS = {"search.reject_below"}  # list fields of floats (every other list
 PRESETS = ("paper", "small", "tiny")
 SCHEDULES = ("constant", "cosine")
 INITS = ("official", "pytorch")
+MAX_LEVELS = 12  # most generator levels a config may ask for (each doubles the resolution; paper: 4)
 
 
 class ConfigError(ValueError):
@@ -192,13 +193,28 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.field=value, e.g. model.blocks=2")
         key, text = item.split("=", 1)
-        value = yaml.safe_load(text) if text.strip() else ""
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except (yaml.YAMLError, RecursionError):
+            raise ConfigError(f"override '{item}': the value is not valid YAML; quote it or fix its brackets") from None
         parts = key.strip().split(".")
         node = nested
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' sets a field inside a setting that is not a section")
         node[parts[-1]] = value
     return nested
+
+
+def _update(values: dict, changes: dict) -> dict:
+    """`values` with the nested `changes` applied, section by section (in place; returned for convenience)."""
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            _update(values[key], value)
+        else:
+            values[key] = value
+    return values
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -214,8 +230,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist")
     try:
         values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as error:
+        reason = str(error) if isinstance(error, yaml.YAMLError) else error.__class__.__name__
+        raise ConfigError(f"config file {path} is not valid YAML: {reason}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...)")
     return values
@@ -226,16 +243,20 @@ def resolve(
     preset: str = "small",
     file: str | Path | None = None,
     overrides: list[str] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> Config:
-    """Build a validated config: defaults <- preset (and its per-task part) <- task wiring <- YAML file <- dotted
-    overrides. The task is taken from the overrides, else the `task` argument, else the file, else the default."""
+    """Build a validated config: defaults <- preset (and its per-task part) <- task wiring <- YAML file <- nested
+    `settings` <- dotted overrides. The task is taken from the overrides, else the settings, else the `task`
+    argument, else the file, else the default."""
     from chimle import tasks  # the task registry fills in wiring and channels
 
     values = load_preset(preset)
     per_task = values.pop("tasks", {})
     from_file = load_yaml(file) if file is not None else {}
-    user = parse_overrides(overrides or [])
+    user = _update(dict(settings or {}), parse_overrides(overrides or []))
     task = user.get("task") or task or from_file.get("task") or Config.task
+    if not isinstance(task, str):
+        raise ConfigError(f"task={task!r} must be a task name, e.g. super-resolution")
     entry = tasks.get(task)
 
     config = merge(Config(preset=preset), values, where=f"preset '{preset}'")
@@ -246,6 +267,60 @@ def resolve(
     config = _fill_palette(config)
     validate(config)
     return config
+
+
+def user_settings(file: str | Path | None = None, overrides: list[str] | None = None, **fields: Any) -> dict[str, Any]:
+    """What a user set on the command line, nested and without defaults: a YAML file's values, then the dotted
+    overrides, then named fields (e.g. task=...) that are not None. What a resumed run changes in its config."""
+    values = load_yaml(file) if file is not None else {}
+    _update(values, parse_overrides(overrides or []))
+    values.update({key: value for key, value in fields.items() if value is not None})
+    return values
+
+
+# Settings a resumed run cannot change: its weights are of this task and shape, and the position it resumes from
+# counts rounds of `round_size` examples cropped to this size and `steps_per_round` steps.
+FIXED_ON_RESUME = ("task", "model.", "data.crop", "data.crop_width", "train.round_size",
+                   "train.steps_per_round", "train.seed", "train.examples", "search.samples_per_level")
+
+
+def load_run(path: str | Path, settings: dict[str, Any] | None = None) -> Config:
+    """The config of a run from its config.yaml (as its user may have edited it) with `settings` applied, through
+    the same coercion and validation as a fresh run's: the file stands for everything the run was given."""
+    values = load_yaml(path)
+    preset = values.get("preset")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ConfigError(f"{path}: preset={preset!r} must be one of {', '.join(PRESETS)} (the preset the run started "
+                          "from)")
+    if settings and settings.get("preset", preset) != preset:
+        raise ConfigError(f"--preset {settings['preset']}: this run started from the {preset} preset and keeps it "
+                          f"(its {Path(path).name} holds every setting; change those instead)")
+    try:
+        return resolve(preset=preset, file=path, settings=settings)
+    except ConfigError as error:
+        raise error if str(path) in str(error) else ConfigError(f"{path}: {error}") from None
+
+
+def changed(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ between two configs: {"section.field": (old value, new value)}."""
+    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return {key: (a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)}
+
+
+def fixed_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """The settings of FIXED_ON_RESUME that differ between `old` and `new`, as `changed` gives them."""
+    return {key: values for key, values in changed(old, new).items()
+            if any(key == fixed or (fixed.endswith(".") and key.startswith(fixed)) for fixed in FIXED_ON_RESUME)}
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _fill_palette(config: Config) -> Config:
@@ -270,8 +345,8 @@ def validate(config: Config) -> None:
                 if isinstance(getattr(part, f.name), float) and not math.isfinite(getattr(part, f.name))]
     if m.wiring not in WIRINGS:
         problems.append(f"model.wiring={m.wiring!r} must be one of {WIRINGS}")
-    if m.levels < 1:
-        problems.append(f"model.levels={m.levels} must be >= 1")
+    if not 1 <= m.levels <= MAX_LEVELS:
+        problems.append(f"model.levels={m.levels} must be in 1..{MAX_LEVELS}")
     for name in ("channels", "growth"):
         values = getattr(m, name)
         if len(values) != m.levels:
@@ -322,7 +397,7 @@ def validate(config: Config) -> None:
         problems.append(f"train.perceptual={t.perceptual!r} must be 'vgg' or 'alex'")
     for name in ("crop", "crop_width"):
         value = getattr(d, name)
-        if (name == "crop" or value) and (value < 2**m.levels or value % 2**m.levels):
+        if m.levels <= MAX_LEVELS and (name == "crop" or value) and (value < 2**m.levels or value % 2**m.levels):
             problems.append(f"data.{name}={value} must be a positive multiple of 2**levels = {2 ** m.levels}")
     if not 1 <= d.jpeg_quality <= 95:
         problems.append(f"data.jpeg_quality={d.jpeg_quality} must be in 1..95")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from chimle.checkpoint import CheckpointError, check_state, save_model
-from chimle.config import Config, resolve
+from chimle.checkpoint import CheckpointError, atomic_write, check_state, save_model
+from chimle.config import Config, ConfigError, resolve
 from chimle.generator import Generator
 
 # Our name (after `levels.{i}.`) -> the official name (after `level_{i+1}_`); `up` depends on the wiring.
@@ -80,15 +80,22 @@ def infer_model(state: dict[str, torch.Tensor], task: str) -> Config:
             f"model.noise_channels={state['level_1_feat.0.weight_v'].shape[1] - m.in_channels}",
             f"search.samples_per_level={(config.search.samples_per_level * levels)[:levels]}",
         ]
+        out_channels = state["level_1_out.0.weight_v"].shape[0]
     except KeyError as error:
         raise CheckpointError(f"the official file lacks {error}, which every official generator has") from None
-    out_channels = state["level_1_out.0.weight_v"].shape[0]
+    except IndexError:
+        raise CheckpointError("the official file holds tensors of the wrong shape (a weight with too few "
+                              "dimensions); it is damaged or not a CHIMLE generator") from None
     if out_channels != m.out_channels:
         raise CheckpointError(
             f"the file's generator predicts {out_channels} channels but the '{task}' task needs {m.out_channels}; "
             "check --task"
         )
-    return resolve(task=task, preset="paper", overrides=overrides)
+    try:
+        return resolve(task=task, preset="paper", overrides=overrides)
+    except ConfigError as error:
+        raise CheckpointError(f"the official file's tensors describe no valid generator ({error}); it is "
+                              "incomplete or not a CHIMLE generator") from None
 
 
 def convert_state(state: dict[str, torch.Tensor], task: str) -> tuple[Generator, Config, list[str]]:
@@ -124,7 +131,7 @@ def convert_file(source: str | Path, task: str, out_dir: str | Path) -> Path:
     generator, config, dropped = convert_state(state, task)
     out = Path(out_dir) / "model.safetensors"
     save_model(out, generator, config)
-    (Path(out_dir) / "config.yaml").write_text(config.to_yaml())
+    atomic_write(Path(out_dir) / "config.yaml", config.to_yaml().encode())
     if dropped:
         print(f"dropped {len(dropped)} unused tensors of the official generic tower ({dropped[0]}, ...)")
     return out

@@ -11,6 +11,7 @@ therefore sees exactly the examples an uninterrupted one would.
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -33,7 +34,7 @@ def _open(path: Path) -> Image.Image:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty (0 bytes); remove it or give --skip-bad")
+        raise DataError(f"{path}: the file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -49,7 +50,7 @@ def _open(path: Path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"{path}: the image is implausibly large (decompression-bomb guard); downscale it first") from None
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image Pillow can read; remove it or give --skip-bad") from None
+        raise DataError(f"{path}: not an image Pillow can read") from None
     except (OSError, ValueError, SyntaxError) as error:
         raise DataError(f"{path}: the image could not be decoded ({error}); it may be truncated") from None
     return ImageOps.exif_transpose(image)
@@ -60,7 +61,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     on white, CMYK converted."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        # Mode I holds 16-bit data (16-bit PNG, PGM and TIFF files), whatever its values: a dark 16-bit image is
+        # not an 8-bit one. Only 32-bit integer data can go beyond, and is scaled by its maximum.
+        if image.mode == "F":
+            top = 65535.0 if array.max() > 255 else 255.0
+        else:
+            top = max(65535.0, float(array.max()))
         array = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(array, mode="L").convert("RGB")
     if image.mode == "P":
@@ -88,12 +94,20 @@ def load_image(path: str | Path, grey: bool = False) -> torch.Tensor:
 
 
 def save_image(image: torch.Tensor, path: str | Path) -> None:
-    """Write a (C, H, W) image in [0, 1] as PNG (or any extension Pillow knows)."""
+    """Write a (C, H, W) image in [0, 1] as PNG (or any extension Pillow knows), atomically (see
+    chimle.checkpoint.atomic_write)."""
+    from chimle.checkpoint import atomic_write
+
+    path = Path(path)
+    kind = Image.registered_extensions().get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: cannot tell the image format from its extension; use .png or .jpg")
     array = image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     if array.shape[2] == 1:
         array = array[:, :, 0]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=kind)
+    atomic_write(path, buffer.getbuffer())
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -238,7 +252,7 @@ class ImageFolder:
         image = read_image(self.files[index])
         if self.colour and torch.equal(image[0], image[1]) and torch.equal(image[1], image[2]):
             raise DataError(f"{self.files[index]}: greyscale image (its RGB channels are equal); the colourization "
-                            "task learns colour from its targets: remove it or give --skip-bad")
+                            "task learns colour from its targets")
         return [image]
 
     def _planes(self, index: int) -> list[torch.Tensor]:
@@ -268,7 +282,7 @@ class ImageFolder:
                 break
             except DataError as error:
                 if not self.skip_bad:
-                    raise
+                    raise DataError(f"{error}; remove it or give --skip-bad") from None
                 warnings.warn(f"skipping {error}", stacklevel=2)
                 self._bad.add(index)
         else:

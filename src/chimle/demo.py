@@ -1,7 +1,7 @@
 """`chimle demo` (= `make demo`): train a small model on the built-in data on the CPU, then show what it does on
 held-out photos it never saw.
 
-    chimle demo                                  # x16 super-resolution, about 12 minutes on a 2-core CPU; runs/demo
+    chimle demo                                  # x16 super-resolution, < 10 minutes on a 2-core CPU; runs/demo
     chimle demo --task colourization             # runs/demo-colourization
     chimle demo --task decompression             # JPEG quality 10
     chimle demo --task layout                    # the built-in label maps (scripts/make_layouts.py)

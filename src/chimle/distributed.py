@@ -20,6 +20,7 @@ batch b follow the path of one process at batch W x b up to float rounding. Only
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from chimle import devices
 
 T = TypeVar("T")
 
@@ -61,8 +64,8 @@ def init(device: str | None = None) -> tuple[World, torch.device]:
     there is one, else the CPU."""
     global _joined
     world = launched_world() or World()
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    chosen = torch.device(name)
+    chosen = devices.pick(device)
+    devices.configure()
     if chosen.type == "cuda" and chosen.index is None:
         chosen = torch.device("cuda", world.local_rank)
     if launched_world() is not None and not dist.is_initialized():
@@ -77,7 +80,10 @@ def cleanup() -> None:
     """Leave the process group that init() joined, if any, all processes together: a process tearing down its
     gloo connections while a peer is still writing the model once aborted the run at exit ("terminate called
     without an active exception", seen under heavy load)."""
-    global _joined
+    global _joined, _buckets
+    if _buckets is not None:
+        _buckets.remove()
+        _buckets = None
     if _joined and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -97,15 +103,17 @@ def _device() -> torch.device:
 
 
 def share_from_main(compute: Callable[[], T]) -> T:
-    """Run `compute` on rank 0 only and give its result, or raise its error, on every rank. The objects travel
-    pickled, but only between the processes of this run."""
+    """Run `compute` on rank 0 only and give its result, or raise its error, on every rank. The tensors of the
+    result (a training state's weights and optimizer moments) travel as tensors, in buckets of bytes; only the
+    rest (numbers, strings, where each tensor goes) is pickled, and only between the processes of this run."""
     if not active():
         return compute()
     message: list = [None]
-    error = None
+    error, tensors = None, []
     if dist.get_rank() == 0:
         try:
-            message[0] = ("ok", compute())
+            layout, tensors = _take_tensors(compute())
+            message[0] = ("ok", layout)
         except Exception as raised:  # noqa: BLE001 - every rank must learn of the failure, or the others hang
             error = raised
             try:
@@ -119,7 +127,89 @@ def share_from_main(compute: Callable[[], T]) -> T:
     kind, value = message[0]
     if kind == "error":
         raise value
+    return _put_tensors(value, _broadcast_tensors(value, tensors))
+
+
+@dataclass(frozen=True)
+class _TensorSlot:
+    """Where a tensor of a shared object was, and what it was: the object travels pickled with these instead."""
+
+    index: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _take_tensors(value, tensors: list | None = None):
+    """`value` with every tensor in its dicts, lists and tuples replaced by a _TensorSlot; and the tensors."""
+    tensors = [] if tensors is None else tensors
+    if isinstance(value, torch.Tensor):
+        tensors.append(value.detach())
+        return _TensorSlot(len(tensors) - 1, value.dtype, tuple(value.shape)), tensors
+    if isinstance(value, dict):
+        return {key: _take_tensors(item, tensors)[0] for key, item in value.items()}, tensors
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_take_tensors(item, tensors)[0] for item in value), tensors
+    return value, tensors
+
+
+def _put_tensors(value, tensors: list[torch.Tensor]):
+    """The inverse of `_take_tensors`."""
+    if isinstance(value, _TensorSlot):
+        return tensors[value.index]
+    if isinstance(value, dict):
+        return {key: _put_tensors(item, tensors) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_put_tensors(item, tensors) for item in value)
     return value
+
+
+def _slots(value) -> list[_TensorSlot]:
+    if isinstance(value, _TensorSlot):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else []
+    return [slot for item in items for slot in _slots(item)]
+
+
+def _broadcast_tensors(layout, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Rank 0's `tensors` on every rank (on the CPU), sent as raw bytes in buckets of at most BUCKET_BYTES."""
+    slots = sorted(_slots(layout), key=lambda slot: slot.index)
+    if dist.get_rank() == 0:
+        received = tensors
+    else:
+        received = [None] * len(slots)
+    for bucket in _bucketed(slots, lambda slot: slot.nbytes):
+        if dist.get_rank() == 0:
+            flat = torch.cat([tensors[slot.index].contiguous().reshape(-1).view(torch.uint8) for slot in bucket])
+            dist.broadcast(flat.to(_device()), src=0)
+            continue
+        flat = torch.empty(sum(slot.nbytes for slot in bucket), dtype=torch.uint8, device=_device())
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for slot in bucket:
+            part = flat[offset : offset + slot.nbytes].to("cpu", copy=True)  # a copy: aligned for its dtype
+            received[slot.index] = part.view(slot.dtype).reshape(slot.shape)
+            offset += slot.nbytes
+    return received
+
+
+BUCKET_BYTES = 25 * 2**20  # bytes sent in one collective (DDP's default bucket size)
+
+
+def _bucketed(items: list, nbytes: Callable, limit: int | None = None) -> list[list]:
+    """Consecutive runs of `items` of at most `limit` bytes each (an item larger than that alone)."""
+    limit = BUCKET_BYTES if limit is None else limit
+    buckets, size = [], 0
+    for item in items:
+        if not buckets or size + nbytes(item) > limit:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(item)
+        size += nbytes(item)
+    return buckets
 
 
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -132,28 +222,90 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).cpu()
 
 
+class GradientBuckets:
+    """The gradients of a list of parameters, averaged over the ranks in buckets while backward still runs (what
+    DDP does): a hook on every parameter counts the gradients backward has finished, and each full bucket is sent
+    to an asynchronous all-reduce, in a fixed order (the reverse of the parameters', roughly the order backward
+    finishes them), so every rank issues the same collectives in the same order. `average` sends what backward
+    did not fill (everything, after a backward a rank skipped), waits, and writes the averages into .grad.
+
+    Every backward over these parameters must be followed by `average`, on every rank."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter], bucket_bytes: int | None = None):
+        self.parameters = parameters
+        order = list(reversed(parameters))
+        kinds = sorted({(p.dtype, p.device) for p in order}, key=str)
+        self.buckets = [bucket for kind in kinds for bucket in
+                        _bucketed([p for p in order if (p.dtype, p.device) == kind],
+                                  lambda p: p.numel() * p.element_size(), bucket_bytes)]
+        self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self.hooks = [p.register_post_accumulate_grad_hook(self._finished) for p in parameters]
+        self._reset()
+
+    def _reset(self) -> None:
+        self.finished = [0] * len(self.buckets)  # gradients backward has finished, per bucket
+        self.sent = 0  # buckets sent so far, in order
+        self.work: list = [None] * len(self.buckets)  # (all-reduce handle, flat buffer) per sent bucket
+
+    def _finished(self, parameter: torch.nn.Parameter) -> None:
+        self.finished[self.bucket_of[id(parameter)]] += 1
+        while self.sent < len(self.buckets) and self.finished[self.sent] >= len(self.buckets[self.sent]):
+            self._send(self.sent)
+
+    def _send(self, i: int) -> None:
+        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                 for p in self.buckets[i]]
+        flat = torch.cat(grads).to(_device())
+        self.work[i] = (dist.all_reduce(flat, async_op=True), flat)
+        self.sent = i + 1
+
+    def average(self, losses: torch.Tensor) -> torch.Tensor:
+        """Wait for every bucket's average and write it into .grad (parameters without a gradient keep None);
+        return `losses` averaged over the ranks too."""
+        while self.sent < len(self.buckets):
+            self._send(self.sent)
+        size = dist.get_world_size()
+        for bucket, (handle, flat) in zip(self.buckets, self.work):
+            handle.wait()
+            flat = flat.div_(size).to(bucket[0].device)
+            offset = 0
+            for p in bucket:
+                if p.grad is not None:
+                    p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+        self._reset()
+        total = losses.detach().reshape(-1).double().to(_device())
+        dist.all_reduce(total)
+        return (total / size).to(losses.device).view_as(losses).to(losses.dtype)
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    def covers(self, parameters: list[torch.nn.Parameter]) -> bool:
+        return len(parameters) == len(self.parameters) and all(a is b for a, b in zip(parameters, self.parameters))
+
+
+_buckets: GradientBuckets | None = None  # those of the parameters being trained
+
+
 def average_gradients(parameters: list[torch.nn.Parameter], losses: torch.Tensor) -> torch.Tensor:
-    """Average the gradients of `parameters` and the detached `losses` over the ranks, in one all-reduce.
+    """Average the gradients of `parameters` and the detached `losses` over the ranks; returns the averaged
+    losses. The first call sets up GradientBuckets for these parameters, so from the next step on the gradients
+    are sent while backward runs.
 
     Each rank's loss is a mean over its part of the global batch, so the average of the ranks' gradients is the
     gradient of the mean over the whole batch. A rank that skipped backward (non-finite loss) sends zeros, and
-    its non-finite loss makes the averaged loss non-finite, so every rank skips the step together. Returns the
-    averaged losses."""
+    its non-finite loss makes the averaged loss non-finite, so every rank skips the step together."""
+    global _buckets
     if not active():
         return losses
     parameters = [p for p in parameters if p.requires_grad]
-    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device, dtype=p.dtype)
-             for p in parameters]
-    flat = torch.cat([losses.detach().reshape(-1).to(grads[0].dtype), *grads]).to(_device())
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    flat = flat.to(losses.device)
-    offset = losses.numel()
-    for p in parameters:
-        if p.grad is not None:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-        offset += p.numel()
-    return flat[: losses.numel()].view_as(losses).to(losses.dtype)
+    if _buckets is None or not _buckets.covers(parameters):
+        if _buckets is not None:
+            _buckets.remove()
+        _buckets = GradientBuckets(parameters)
+    return _buckets.average(losses)
 
 
 def digest(module: torch.nn.Module) -> int:

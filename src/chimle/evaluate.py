@@ -45,7 +45,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from chimle import __version__, tasks
+from chimle import __version__, devices, tasks
+from chimle.checkpoint import atomic_write, check_folder
 from chimle.config import Config, ConfigError, resolve
 from chimle.data import DataError, builtin_photos, list_images, load_image, save_image
 from chimle.metrics import conditional, diversity, fid, manifold
@@ -155,7 +156,10 @@ def items(targets: dict[str, Path], inputs: dict[str, Path] | None, load_input, 
             raise DataError(f"the samples of {stem} are {outputs.shape[-1]}x{outputs.shape[-2]} px but the real image "
                             f"{path} is {width}x{height} px; samples must have the size of their real image")
         # Corners on multiples of the scale only where a given input must be cropped to the same region.
-        boxes = crop_boxes(height, width, options.crop, options.tiles, multiple, scale if given is not None else 1)
+        try:
+            boxes = crop_boxes(height, width, options.crop, options.tiles, multiple, scale if given is not None else 1)
+        except DataError as error:
+            raise DataError(f"{path}: {error}") from None
         for i, (top, left, h, w) in enumerate(boxes):
             part = (slice(top, top + h), slice(left, left + w))
             small = (slice(top // scale, (top + h) // scale), slice(left // scale, (left + w) // scale))
@@ -351,7 +355,8 @@ def _fid_kid(real: np.ndarray, fake: np.ndarray, o: Options) -> dict:
 
 
 def _device(options: Options) -> torch.device:
-    return torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    devices.configure()
+    return devices.pick(options.device)
 
 
 def _matched(targets: dict[str, Path], folder: str | Path | None) -> dict[str, Path] | None:
@@ -737,11 +742,10 @@ def write_report(report: dict, out: str | Path) -> tuple[Path, Path, Path]:
     out = Path(out)
     if out.suffix in (".json", ".md", ".png"):
         out = out.with_suffix("")
-    out.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (out.with_name(out.name + suffix) for suffix in (".json", ".md", ".png"))
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    report_plot(report).save(png_path)
-    md_path.write_text(markdown(report, png_path.name))
+    atomic_write(json_path, (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write(png_path, lambda tmp: report_plot(report).save(tmp, format="PNG"))
+    atomic_write(md_path, markdown(report, png_path.name).encode())
     return json_path, md_path, png_path
 
 
@@ -754,6 +758,7 @@ def evaluate_command(args) -> None:
                       consistency_tolerance=args.consistency_tolerance)
     if args.tiles and not args.crop:
         raise ConfigError("--tiles needs --crop SIZE (the side of the tiles)")
+    check_folder(Path(args.out).parent, "--out's folder")
     if args.model:
         if args.task or args.scale or args.overrides:
             raise ConfigError("--task, --scale and -o apply to --samples; a model file knows its task and settings")

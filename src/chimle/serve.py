@@ -24,12 +24,17 @@ Standard library only: http.server's ThreadingHTTPServer, JSON endpoints, upload
 Safety: binds to 127.0.0.1 unless told otherwise, and then answers only requests addressed to localhost
 (DNS rebinding); uploads are limited in bytes and pixels, sniffed for their type and fully decoded before
 use; no part of a URL or file name reaches the file system (uploads live under random ids in a private
-temporary folder); JSON requests must say so (a cross-site form cannot send them); one lock serialises
-every use of the models, and a full queue is refused rather than piling up.
+temporary folder, removed when the server stops, by Ctrl+C or SIGTERM); JSON requests must say so (a cross-site
+form cannot send them); one lock serialises every use of the models, and a full queue (requests and downloads
+that render) is refused rather than piling up. Under load or hostile clients: a connection that sends nothing
+for `client_timeout` seconds, or takes four times that to send one request, is closed; connections beyond a cap
+(kept well below the process's file-descriptor limit) get an immediate 503; finished results are kept up to a
+number of bytes; a client that goes away mid-answer is forgotten quietly.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import ipaddress
@@ -37,10 +42,13 @@ import json
 import re
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import threading
+import time
 import traceback
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -76,12 +84,16 @@ class Limits:
     json_bytes: int = 64 * 2**10  # largest JSON request body
     images: int = 64  # inputs kept (the oldest is forgotten)
     jobs: int = 64  # finished requests kept
+    result_bytes: int = 512 * 2**20  # PNG bytes of finished results kept (the oldest requests are forgotten)
+    connections: int = 64  # open connections served at once; more get a 503 (also at most half the fd limit)
+    client_timeout: float = 30.0  # seconds a connection may send nothing; 4x this to send one whole request
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
 
 
 @dataclass
@@ -137,6 +149,8 @@ class App:
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.examples = {p.stem: p for p in list_images(builtin_photos("heldout"))}
         self.example_ids: dict[tuple[str, str], str] = {}
+        self.result_bytes = 0  # PNG bytes of all results kept
+        self.downloads = 0  # downloads rendering now or waiting for the models
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -159,9 +173,14 @@ class App:
     def add_image(self, data: bytes, name: str) -> Upload:
         """Check an upload (type, pixels, a full decode) and keep it under a fresh id."""
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                kind, (width, height) = image.format, image.size
-        except (UnidentifiedImageError, OSError, ValueError):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+                with Image.open(io.BytesIO(data)) as image:
+                    kind, (width, height) = image.format, image.size
+        except Image.DecompressionBombError:
+            raise HTTPError(413, f"{name}: the image is implausibly large (decompression-bomb guard); downscale it "
+                                 "first") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             kind = None
         if kind not in FORMATS:
             raise HTTPError(415, f"{name}: not an image this page takes; upload a {', '.join(FORMATS.values())} file")
@@ -214,21 +233,25 @@ class App:
 
     @staticmethod
     def _multiple(m: Model) -> int:
-        return 1 if m.config.model.wiring == "super-resolution" else 2 ** (m.levels - 1)
+        return m.task.input_multiple(m.levels)
 
     def check_fits(self, m: Model, upload: Upload) -> None:
-        """Refuse, with what to do, an input whose sides the model cannot halve or whose output is too large."""
+        """Refuse, with what to do, an input too small for the model, whose sides it cannot halve, or whose output
+        is too large."""
         w, h, k = upload.width, upload.height, self._multiple(m)
+        problem = m.task.too_small(w, h, m.levels)
+        if problem:
+            raise TaskError(f"{upload.name}: {problem}; upload a larger image")
         if w % k or h % k:
             fit = f"{max(w // k, 1) * k}x{max(h // k, 1) * k}"
             raise TaskError(f"this model needs sides that are multiples of {k} px, and {upload.name} is {w}x{h}: "
                             f"crop (or pad) it to {fit} px and upload it again")
         s = m.task.output_scale(m.levels)
         if w * h * s * s > self.limits.output_pixels:
-            f = (self.limits.output_pixels / (w * h * s * s)) ** 0.5
+            fw, fh = fitting_size(w, h, k, s, self.limits.output_pixels)
             raise TaskError(f"this model makes images {s}x larger, so {w}x{h} px would give {w * s}x{h * s} px, more "
                             f"than this server renders ({self.limits.output_pixels:,} pixels): downscale the input "
-                            f"to at most {int(w * f)}x{int(h * f)} px")
+                            f"to at most {fw}x{fh} px")
 
     # Requests -------------------------------------------------------------------------------------------------
 
@@ -256,15 +279,35 @@ class App:
             sources = variations([(seed, 0)] * m.levels, set(), seed, n)
         job = Job(secrets.token_hex(8), request["model"], upload.id, seed, sources)
         with self.lock:
-            waiting = sum(j.state in ("queued", "running") for j in self.jobs.values())
-            if waiting >= self.limits.queue:
-                raise HTTPError(503, f"the server is busy with {waiting} requests; try again in a moment")
+            self._admit()
             self.jobs[job.id] = job
             finished = [j.id for j in self.jobs.values() if j.state in ("done", "error")]
             for old in finished[: max(0, len(self.jobs) - self.limits.jobs)]:
-                del self.jobs[old]
+                self._forget(old)
         threading.Thread(target=self._run, args=(job,), daemon=True).start()
         return job
+
+    def _admit(self) -> None:
+        """Refuse a request that would render while the queue is full (call with self.lock held)."""
+        waiting = sum(j.state in ("queued", "running") for j in self.jobs.values()) + self.downloads
+        if waiting >= self.limits.queue:
+            raise HTTPError(503, f"the server is busy with {waiting} requests; try again in a moment",
+                            {"Retry-After": "5"})
+
+    def _forget(self, job_id: str) -> None:
+        """Drop a finished request and its results (call with self.lock held)."""
+        job = self.jobs.pop(job_id)
+        self.result_bytes -= sum(len(r) for r in job.results)
+
+    def _keep(self, job: Job, result: bytes) -> None:
+        """Add a result, then forget the oldest finished requests while the results take more than the limit."""
+        with self.lock:
+            job.results.append(result)
+            self.result_bytes += len(result)
+            for old in [j.id for j in self.jobs.values() if j.state in ("done", "error") and j is not job]:
+                if self.result_bytes <= self.limits.result_bytes:
+                    break
+                self._forget(old)
 
     def _run(self, job: Job) -> None:
         m, upload = self.models[job.model], self.uploads.get(job.image)
@@ -275,7 +318,7 @@ class App:
                     raise DataError("the image was forgotten before its turn came; upload it again")
                 image = m.load_input(upload.path)
                 for sources in job.sources:
-                    job.results.append(png_bytes(m.render(image, [sources])[0], provenance(m, sources, upload.name)))
+                    self._keep(job, png_bytes(m.render(image, [sources])[0], provenance(m, sources, upload.name)))
                 job.state = "done"
             except USER_ERRORS as error:
                 message = str(error)
@@ -315,15 +358,46 @@ class App:
                     if k < len(job.results):
                         return job.results[k], name
         self.check_fits(m, upload)
-        with self.model_lock:
-            image = m.render(m.load_input(upload.path), [sources])[0]
+        with self.lock:
+            self._admit()  # a download that renders waits for the models like a request
+            self.downloads += 1
+        try:
+            with self.model_lock:
+                image = m.render(m.load_input(upload.path), [sources])[0]
+        finally:
+            with self.lock:
+                self.downloads -= 1
         return png_bytes(image, provenance(m, sources, upload.name)), name
 
 
+def fitting_size(width: int, height: int, multiple: int, scale: int, limit: int) -> tuple[int, int]:
+    """The largest input size within width x height, of about its aspect ratio and with sides that are multiples
+    of `multiple`, whose output (`scale` x larger) has at most `limit` pixels."""
+    def fits(w: int, h: int) -> bool:
+        return w * h * scale * scale <= limit
+
+    shrink = min(1.0, (limit / (width * height * scale * scale)) ** 0.5)
+    w = max(multiple, int(width * shrink) // multiple * multiple)
+    h = max(multiple, int(height * shrink) // multiple * multiple)
+    while not fits(w, h) and max(w, h) > multiple:  # float rounding
+        w, h = (w - multiple, h) if w >= h else (w, h - multiple)
+    while True:  # then grow a side while the output still fits (the rounding down above may leave room)
+        grown = [(a, b) for a, b in ((w + multiple, h), (w, h + multiple)) if a <= width and b <= height and fits(a, b)]
+        if not grown:
+            return w, h
+        w, h = max(grown, key=lambda size: (size[0] * size[1], -abs(size[0] / size[1] - width / height)))
+
+
 def _integer(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not re.fullmatch(r"-?\d{1,18}", str(value)):
-        raise HTTPError(400, f"{what} must be a whole number, not {value!r}")
-    return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**18:
+        return value
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,18}", value):
+        return int(value)
+    try:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    except ValueError:  # an integer too long to print
+        shown = "a number that long"
+    raise HTTPError(400, f"{what} must be a whole number below 10**18, not {shown}")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -340,28 +414,78 @@ class Handler(BaseHTTPRequestHandler):
     def app(self) -> App:
         return self.server.app
 
+    def setup(self) -> None:
+        """Reads from the client go through a _Deadline: an idle limit per read, a time limit per request."""
+        super().setup()
+        self.connection.settimeout(self.server.app.limits.client_timeout)
+        self.rfile.close()  # the plain reader super() made, replaced by one with deadlines
+        self.reader = _Deadline(self.connection, self.server.app.limits.client_timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self) -> None:
+        self.reader.deadline = time.monotonic() + REQUEST_TIME * self.server.app.limits.client_timeout
+        super().handle_one_request()
+
     def do_GET(self):
         self.handle_request("GET")
 
     def do_POST(self):
         self.handle_request("POST")
 
+    def do_HEAD(self):
+        self.handle_request("HEAD")
+
+    def do_PUT(self):
+        self.handle_request("PUT")
+
+    def do_DELETE(self):
+        self.handle_request("DELETE")
+
+    def do_PATCH(self):
+        self.handle_request("PATCH")
+
+    def do_OPTIONS(self):
+        self.handle_request("OPTIONS")
+
     def handle_request(self, method: str) -> None:
+        try:
+            self.respond(method)
+        except TimeoutError:  # the request's body did not arrive in time
+            self.close_connection = True
+            try:
+                self.send_json({"error": "the request took too long to arrive; send it again"}, 408)
+            except OSError:
+                pass
+        except ConnectionError:  # the client went away (closed, reset): there is no one to answer
+            self.close_connection = True
+
+    def respond(self, method: str) -> None:
+        """Route the request; every failure becomes an answer with a status and a message."""
         try:
             self.check_host()
             url = urlsplit(self.path)
             if method == "GET" and url.path in STATIC:
                 name, kind = STATIC[url.path]
                 return self.send(200, self.server.files[name], kind)
+            allowed = ["GET"] if url.path in STATIC else []
             for verb, pattern, action in self.routes:
                 match = re.fullmatch(pattern, url.path)
                 if match and verb == method:
                     return getattr(self, f"api_{action}")(*match.groups(), query=url.query)
+                if match:
+                    allowed.append(verb)
+            if allowed:
+                raise HTTPError(405, f"{method} is not allowed at {url.path}; use {' or '.join(allowed)}",
+                                {"Allow": ", ".join(allowed)})
             raise HTTPError(404, f"nothing at {url.path}")
         except HTTPError as error:
-            self.send_json({"error": str(error)}, error.status)
+            if method not in ("GET", "POST"):
+                self.close_connection = True  # its body, if any, was not read
+            self.send_json({"error": str(error)}, error.status, error.headers)
         except USER_ERRORS as error:
             self.send_json({"error": str(error)}, 400)
+        except (ConnectionError, TimeoutError):
+            raise
         except Exception as error:  # noqa: BLE001 - one bad request must not take the server down
             traceback.print_exc()
             self.send_json({"error": f"internal error: {error.__class__.__name__}: {error}"}, 500)
@@ -382,8 +506,9 @@ class Handler(BaseHTTPRequestHandler):
         if not json_body and (kind in SIMPLE_TYPES or not kind):
             raise HTTPError(415, "send the image as the raw request body with its type (e.g. image/png)")
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise HTTPError(411, "the request needs a Content-Length")
+        if length is None or not re.fullmatch(r"[0-9]{1,15}", length.strip()):
+            self.close_connection = True
+            raise HTTPError(411, "the request needs a Content-Length: the size of its body in bytes, in digits 0-9")
         length = int(length)
         if length > limit:
             # Read it all (up to a point), so that the browser sees the answer instead of a reset connection.
@@ -400,8 +525,9 @@ class Handler(BaseHTTPRequestHandler):
     def json(self) -> dict:
         try:
             value = json.loads(self.body(self.app.limits.json_bytes, json_body=True))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise HTTPError(400, "the request body is not valid JSON") from None
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep, a number with too many digits
+            raise HTTPError(400, "the request body is not valid JSON (or is nested too deep, or holds a number with "
+                                 "too many digits)") from None
         if not isinstance(value, dict):
             raise HTTPError(400, "the request body must be a JSON object")
         return value
@@ -455,10 +581,11 @@ class Handler(BaseHTTPRequestHandler):
 
     # Responses ------------------------------------------------------------------------------------------------
 
-    def send_json(self, value, status: int = 200) -> None:
-        self.send(status, json.dumps(value).encode(), "application/json")
+    def send_json(self, value, status: int = 200, headers: dict | None = None) -> None:
+        self.send(status, json.dumps(value).encode(), "application/json", headers)
 
     def send(self, status: int, data: bytes, kind: str, headers: dict | None = None) -> None:
+        self.connection.settimeout(self.server.app.limits.client_timeout)  # reads may have shortened it
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
@@ -469,16 +596,41 @@ class Handler(BaseHTTPRequestHandler):
                                                     "frame-ancestors 'none'; form-action 'none'")
         for key, value in (headers or {}).items():
             self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def log_message(self, format, *args):
         if self.server.verbose:
             super().log_message(format, *args)
 
 
+REQUEST_TIME = 4  # a request must arrive within this many client timeouts
+
+
+class _Deadline(io.RawIOBase):
+    """A connection's incoming bytes, each read limited to the idle timeout and to what is left of the request's
+    time, so that a client sending a byte now and then cannot hold a thread."""
+
+    def __init__(self, sock, idle: float):
+        self.sock, self.idle, self.deadline = sock, idle, float("inf")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took too long to arrive")
+        self.sock.settimeout(min(self.idle, left))
+        return self.sock.recv_into(buffer)
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # connections the kernel holds until accepted (the default 5 resets bursts)
 
     def __init__(self, app: App, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False):
         super().__init__((host, port), Handler)
@@ -486,11 +638,74 @@ class Server(ThreadingHTTPServer):
         self.local_only = _is_loopback(host)
         web = resources.files("chimle").joinpath("web")
         self.files = {name: web.joinpath(name).read_bytes() for name, _ in STATIC.values()}
+        self.most_connections = min(app.limits.connections, _descriptor_limit() // 2)
+        self.connections = 0  # connections being served (each in its thread)
+        self.connections_lock = threading.Lock()
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                time.sleep(0.1)  # out of descriptors: wait for some to close rather than spin on the pending connection
+            raise
+
+    def process_request(self, request, client_address) -> None:
+        """Serve a connection in its thread, or, beyond the cap on connections, answer 503 at once and close it."""
+        with self.connections_lock:
+            busy = self.connections >= self.most_connections
+            if not busy:
+                self.connections += 1
+        if busy:
+            return self._refuse(request)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._done()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with self.connections_lock:
+            self.connections -= 1
+
+    def _refuse(self, request) -> None:
+        body = json.dumps({"error": "the server has too many open connections; try again in a moment"}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+                "\r\nRetry-After: 5\r\nConnection: close\r\n\r\n").encode()
+        try:
+            request.setblocking(False)  # never wait on a client here: this is the thread that accepts
+            request.send(head + body)
+            request.recv(65536)  # what the client already sent, so that closing sends no reset
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away or was too slow is no error of the server's; anything else is reported."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
+
+
+def _descriptor_limit() -> int:
+    """How many files and sockets this process may have open (a large number where that cannot be read)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 2**20
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 2**20
 
 
 def _is_loopback(host: str) -> bool:
@@ -501,29 +716,39 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve_command(args) -> None:
-    """`chimle serve`: load the models, then serve the page until interrupted."""
+    """`chimle serve`: load the models, then serve the page until interrupted (Ctrl+C or SIGTERM); the uploads'
+    temporary folder is removed however it stops."""
     names = model_names(args.model)
     models = {}
     for name, path in zip(names, args.model):
         models[name] = Model.load(path, args.device, args.tile, args.overlap, args.tile_stats)
         print(f"model {name}: {models[name].config.task}, {models[name].levels} levels ({path})")
     limits = Limits(upload_bytes=int(args.max_upload_mb * 2**20), input_pixels=args.max_pixels,
-                    output_pixels=args.max_output_pixels)
+                    output_pixels=args.max_output_pixels, client_timeout=args.client_timeout)
     app = App(models, limits)
     try:
-        server = Server(app, args.host, args.port, verbose=True)
-    except OSError as error:
-        app.close()
-        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({error.strerror}); "
-                          "give another --port (0 picks a free one)") from None
-    if not server.local_only:
-        print(f"warning: listening on {args.host}: anyone who can reach this address can use the page",
-              file=sys.stderr)
-    print(f"chimle serve: open {server.url}  (Ctrl+C stops)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopping")
+        try:
+            server = Server(app, args.host, args.port, verbose=True)
+        except (OSError, OverflowError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise ConfigError(f"cannot listen on {args.host}:{args.port} ({reason}); give another --port (0 picks a "
+                              "free one)") from None
+        if not server.local_only:
+            print(f"warning: listening on {args.host}: anyone who can reach this address can use the page",
+                  file=sys.stderr)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)
+        print(f"chimle serve: open {server.url}  (Ctrl+C stops)", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print("stopping", flush=True)
+        finally:
+            server.server_close()
     finally:
-        server.server_close()
         app.close()
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM (kill, a service manager stopping the server) stops it as Ctrl+C does."""
+    raise KeyboardInterrupt

@@ -145,6 +145,18 @@ class Task:
         """How many times larger than the input the final output is."""
         return 2**levels if self.wiring == "super-resolution" else 1
 
+    def input_multiple(self, levels: int) -> int:
+        """What an input's sides must be multiples of: the generic towers halve the input levels - 1 times."""
+        return 1 if self.wiring == "super-resolution" else 2 ** (levels - 1)
+
+    def too_small(self, width: int, height: int, levels: int) -> str | None:
+        """Why an input of this size is too small for the tower, or None: its coarsest level (the input, or the
+        input 2**(levels-1) times smaller) needs sides of 2 px or more, as instance norm needs several pixels."""
+        side = 2 * self.input_multiple(levels)
+        if min(width, height) < side:
+            return f"an input of {width}x{height} px is too small for this model: it needs sides of at least {side} px"
+        return None
+
     def input_for(self, target: torch.Tensor, config: Config) -> torch.Tensor:
         """The input a user would give for these targets (N, 3, h, w)."""
         if self.degrade is None:
@@ -179,8 +191,11 @@ class Task:
             raise TaskError(f"the {self.name} model takes {what}, got {image.shape[0]} channels")
         if self.input_kind == "image" and self.in_channels == 3 and image.shape[0] == 1:
             image = image.expand(3, -1, -1)
-        multiple = 1 if self.wiring == "super-resolution" else 2 ** (config.model.levels - 1)
+        multiple = self.input_multiple(config.model.levels)
         h, w = image.shape[-2:]
+        problem = self.too_small(w, h, config.model.levels)
+        if problem:
+            raise TaskError(problem)
         if h % multiple or w % multiple:
             raise TaskError(f"an input of {w}x{h} px must have sides that are multiples of {multiple} for this model; "
                             f"crop or pad it to {w // multiple * multiple or multiple}x{h // multiple * multiple or multiple}")

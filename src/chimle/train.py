@@ -37,8 +37,8 @@ from tqdm import tqdm
 from chimle import checkpoint, distributed, tasks
 from chimle import weights as weights_lib
 from chimle.checkpoint import (MODEL_FILE, CheckpointError, CorruptCheckpointError, atomic_write, check_fits,
-                               check_state, crash_point, disk_errors, save_model)
-from chimle.config import Config, ConfigError, TrainConfig, from_dict
+                               check_folder, check_state, crash_point, disk_errors, save_model)
+from chimle.config import Config, ConfigError, TrainConfig, changed, fixed_changes, from_dict, load_run
 from chimle.data import ImageFolder, PairedFolder, builtin_photos, seeded
 from chimle.adaptive import AdaptiveState, data_point
 from chimle.ema import WeightAverage
@@ -270,8 +270,9 @@ class RunFiles:
                 old.unlink(missing_ok=True)
 
     def latest_state(self) -> dict | None:
-        """The newest state that loads and matches its checksum (a corrupted one is reported by name and the one
-        before it used); None if the run has not saved one yet. A foreign file is an error."""
+        """The newest state that loads and matches its checksum; None if the run has not saved one yet. Only a
+        damaged state (truncated, or not matching its checksum) is passed over for the one before it, with a
+        warning that names both; any other failure to read one (an I/O error, a foreign file) is an error."""
         broken = []
         for path in reversed(self.states()):
             try:
@@ -281,6 +282,11 @@ class RunFiles:
                 self.log(f"skipped {error}")
                 broken.append(str(error))
                 continue
+            if broken:
+                note = (f"resuming from the older state {path.name} (step {state['step']}): the {len(broken)} newer "
+                        "one(s) are damaged")
+                warnings.warn(note, stacklevel=2)
+                self.log(note)
             state["file"] = str(path)
             return state
         if broken:
@@ -323,21 +329,63 @@ def _search_state(result: SearchResult | None) -> dict | None:
             "distances": result.distances}
 
 
-def _prepare_run(config: Config, files: RunFiles, resume: bool) -> tuple[Config, dict | None]:
-    """Check that a new run does not overwrite another, or reopen a run to resume it (its saved config wins
-    over the command line)."""
+def _prepare_run(config: Config | None, files: RunFiles, resume: bool,
+                 settings: dict | None = None) -> tuple[Config, dict | None]:
+    """Check that a new run does not overwrite another, or reopen a run to resume it: its config.yaml (as its user
+    may have edited it) with `settings` applied, coerced and validated like a fresh run's; a change that cannot
+    apply to the trained weights is refused by name, and an applied one is written to config.yaml."""
     saved = files.dir / "config.yaml"
     if resume:
         if not saved.is_file():
             raise CheckpointError(f"nothing to resume in {files.dir}: it has no config.yaml")
-        run_config = from_dict(yaml.safe_load(saved.read_text()))
-        if run_config != config:
-            print(f"resuming with the run's own settings from {saved} (command-line settings are ignored)")
+        as_saved = load_run(saved)
+        run_config = load_run(saved, settings) if settings else as_saved
         files.remove_partial_writes()
-        return run_config, files.latest_state()
+        state = files.latest_state()
+        if state is not None:
+            _check_resumable(state, as_saved, run_config, saved)
+        if run_config != as_saved:
+            _check_effective(as_saved, run_config)
+            atomic_write(saved, run_config.to_yaml().encode())
+            files.log("changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}"
+                                                         for k, (a, b) in changed(as_saved, run_config).items()))
+        elif config is not None and not settings and config != run_config:
+            print(f"resuming with the run's own settings from {saved}")
+        return run_config, state
+    check_folder(files.dir)
     if saved.exists() or files.states():
         raise CheckpointError(f"{files.dir} already holds a run; give --resume to continue it or choose another --out")
     return config, None
+
+
+def _check_resumable(state: dict, as_saved: Config, config: Config, saved: Path) -> None:
+    """Refuse settings that differ from those the state was trained with where a run cannot change them: in
+    config.yaml (edited, or the state is another run's), or on the command line."""
+    try:
+        trained = from_dict(yaml.safe_load(state["config"]))
+    except (ConfigError, KeyError, TypeError, yaml.YAMLError) as error:
+        raise CheckpointError(f"{state['file']} holds an unusable config: {error}") from None
+    name = Path(state["file"]).name
+    in_file = fixed_changes(trained, as_saved)
+    if in_file:
+        was = ", ".join(f"{key}={a!r}" for key, (a, _) in in_file.items())
+        now = ", ".join(f"{key}={b!r}" for key, (_, b) in in_file.items())
+        raise ConfigError(f"{name} was trained with {was}, but {saved} has {now}; a resumed run cannot change these. "
+                          f"Undo that edit of {saved.name} (or start a new run with another --out); if {name} belongs "
+                          "to another run, move it out of the run directory")
+    given = fixed_changes(trained, config)
+    if given:
+        changes = ", ".join(f"{key} {a!r} -> {b!r}" for key, (a, b) in given.items())
+        raise ConfigError(f"the command line changes {changes}, which a resumed run cannot change ({name} was trained "
+                          "with the former): leave that out, or start a new run with another --out")
+
+
+def _check_effective(old: Config, new: Config) -> None:
+    """Refuse a change of train.passes that would not change the run (train.rounds fixes the number of rounds)."""
+    if new.train.passes != old.train.passes and new.train.rounds and new.train.rounds == old.train.rounds:
+        raise ConfigError(f"train.passes={new.train.passes} has no effect while train.rounds={new.train.rounds} sets "
+                          "the number of rounds: give -o train.rounds=N to train to N rounds (or -o train.rounds=0 to "
+                          "count passes)")
 
 
 @dataclass
@@ -367,15 +415,17 @@ class Run:
         return self.generator if self.average is None else self.average.module
 
 
-def train(config: Config, out: str | Path, resume: bool = False, device: str | None = None,
-          on_save: Callable[[int, Path], None] | None = None) -> Path:
-    """Train (or resume) the run in `out`; return the path of the final model file. Under torchrun every
-    process calls this (see chimle.distributed). `on_save(step, model file)` is called on the writing process
-    after every model save (e.g. to keep snapshots for a learning curve, as benchmarks/quality.py does)."""
+def train(config: Config | None, out: str | Path, resume: bool = False, device: str | None = None,
+          settings: dict | None = None, on_save: Callable[[int, Path], None] | None = None) -> Path:
+    """Train (or resume) the run in `out`; return the path of the final model file. A resumed run continues with
+    its config.yaml, changed by `settings` (nested, e.g. {"train": {"rounds": 8}}) where given; `config` is then
+    not needed. Under torchrun every process calls this (see chimle.distributed). `on_save(step, model file)` is
+    called on the writing process after every model save (e.g. to keep snapshots for a learning curve, as
+    benchmarks/quality.py does)."""
     # Set up the processes and the run directory (rank 0 reads it and tells the others).
     world, device = distributed.init(device)
     files = RunFiles(out, writer=world.is_main)
-    config, state = distributed.share_from_main(lambda: _prepare_run(config, files, resume))
+    config, state = distributed.share_from_main(lambda: _prepare_run(config, files, resume, settings))
     _check_world(config, world)
     t = config.train
     weights_lib.resolve(f"lpips-{t.perceptual}")  # missing LPIPS weights: say so before anything is written
@@ -384,7 +434,8 @@ def train(config: Config, out: str | Path, resume: bool = False, device: str | N
     dataset = training_set(config)
     folder = dataset.files[0].parent
     if state is None and not resume and world.is_main:  # only now: bad data leaves no half-made run behind
-        files.dir.mkdir(parents=True, exist_ok=True)
+        with disk_errors(files.dir):
+            files.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(files.dir / "config.yaml", lambda tmp: tmp.write_text(config.to_yaml()))
 
     # Construct networks, or restore them.
