@@ -244,8 +244,9 @@ def bar_panel(title: str, groups: list[tuple[str, list[tuple[str, float | None, 
 
 
 def line_panel(title: str, series: list[tuple[str, list[float], list[float]]], x_label: str,
-               size: tuple[int, int] = (640, 420)) -> Image.Image:
-    """A line chart: one (label, xs, ys) line with dots per series, a legend on the right."""
+               size: tuple[int, int] = (640, 420), guides: dict[str, float] | None = None) -> Image.Image:
+    """A line chart: one (label, xs, ys) line with dots per series, a legend on the right, and dashed horizontal
+    `guides` {label: y} (e.g. a baseline and a target)."""
     width, height = size
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
@@ -254,7 +255,7 @@ def line_panel(title: str, series: list[tuple[str, list[float], list[float]]], x
     legend = max([text_width(draw, label, small) for label, _, _ in series] + [0]) + 30
     top, bottom, left, right = 40, height - 40, 56, width - 10 - legend
     xs = [x for _, sx, _ in series for x in sx] or [0, 1]
-    ys = [y for _, _, sy in series for y in sy] or [0, 1]
+    ys = [y for _, _, sy in series for y in sy] + list((guides or {}).values()) or [0, 1]
     x0, x1 = 0.0, max(xs) * 1.05 or 1.0
     y0, y1 = min(ys), max(ys)
     pad = (y1 - y0) * 0.08 or 0.05
@@ -274,6 +275,11 @@ def line_panel(title: str, series: list[tuple[str, list[float], list[float]]], x
         draw.line([(x, bottom), (x, bottom + 4)], fill=INK)
         draw.text((x - 10, bottom + 6), f"{tick:.1f}", fill=INK, font=small)
     draw.text(((left + right) / 2 - text_width(draw, x_label, small) / 2, bottom + 22), x_label, fill=INK, font=small)
+    for label, value in (guides or {}).items():
+        _, y = at(x0, value)
+        for x in range(int(left), int(right), 12):
+            draw.line([(x, y), (min(x + 6, right), y)], fill=(120, 120, 120))
+        draw.text((left + 6, y - 15), label, fill=(90, 90, 90), font=small)
     palette = COLOURS + [(23, 190, 207), (188, 189, 34), (127, 127, 127), (227, 119, 194), (0, 0, 0),
                          (100, 100, 255), (255, 100, 100), (50, 150, 50)]
     for i, (label, sx, sy) in enumerate(series):

@@ -6,9 +6,14 @@
     python benchmarks/quality.py --rewrite benchmarks/results/quality.json # only redraw the report
 
 Every configuration is a named list of overrides of the `small` preset (CONFIGS). It trains for a fixed amount
-of CPU time on one thread (`--budget` CPU-minutes), so results hold on a loaded machine: its number of rounds
-comes from a calibration that times one round's code search and a few of its steps, once per configuration,
-so every configuration finishes its whole schedule (warm-up, cosine, EMA) within the budget. Each (configuration,
+of CPU time on one thread (`--budget` CPU-minutes), so results hold on a loaded machine, and finishes its whole
+schedule (warm-up, cosine, EMA) within it: its number of rounds is the budget divided by the CPU time of one of
+its rounds. That is the reference configuration's round time, measured once per task (the least of three) and
+kept in the work folder, times the configuration's cost relative to the reference: 1 where the settings that
+decide the cost are the same (`cost_key`), else measured by timing both alternately in one process. So the
+rounds of a configuration do not move with the load of the machine at the time it was calibrated. (Adaptive IMLE
+searches fewer examples than a round's calibration assumes: it gets the rounds of a plain search and uses less
+CPU time, which the report shows.) Each (configuration,
 seed) runs in its own one-thread process, `--jobs` at a time; finished runs are kept in `--work`, so a killed
 benchmark continues where it stopped and adding a configuration only trains the new one.
 
@@ -25,6 +30,7 @@ ratio on the builtin tiles against training CPU-minutes). Writes benchmarks/resu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -61,6 +67,7 @@ BEFORE = ["train.init=pytorch", "train.ema=0", "train.schedule=constant", "train
           "train.batch_size=8", "train.pixel_weight=1.0", "train.perceptual=alex", "train.round_size=32",
           "train.steps_per_round=60", "search.samples_per_level=[20,20,10,5]", "search.reject_below=[]"]
 PHOTOS = "data.path=PHOTOS"  # train on the open photo set's training split (chimle.photoset) instead of the nine
+REFERENCE = "small (before)"  # the configuration whose measured round time anchors every budget
 CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "small (before)": BEFORE,
     "+ EMA 0.995": [*BEFORE, "train.ema=0.995"],
@@ -79,7 +86,8 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "+ LPIPS-VGG loss": [*BEFORE, "train.perceptual=vgg"],
     "small": [],
 }
-QUICK = dict(budget=0.4, seeds=[0], photos=4, configs=["small (before)", "+ EMA 0.995"])
+TARGETS = {"super-resolution": 0.90, "colourization": 0.90, "decompression": 0.85}  # best-of-8 / baseline (issue)
+QUICK = dict(budget=0.4, seeds=[0], photos=4, configs=["small (before)", "+ EMA 0.995", "+ crop 64"])
 
 
 # Held-out data -------------------------------------------------------------------------------------------
@@ -153,10 +161,17 @@ def job_config(task: str, name: str, extra: list[str] = ()):
     return common.config(task, [*overrides, *extra])
 
 
-def calibrate(task: str, name: str) -> dict:
-    """CPU seconds of one round of the configuration: its code search and `steps_per_round` steps (timed over a
-    few steps after a warm-up one), measured on this process's one thread."""
-    config = job_config(task, name)
+def cost_key(config) -> str:
+    """The settings that decide what a round costs: configurations with equal keys take the same CPU time."""
+    m, d, s, t = config.model, config.data, config.search, config.train
+    return json.dumps([dataclasses.asdict(m), d.crop, d.crop_width, s.samples_per_level, s.flat, s.flat_samples,
+                       s.zero_codes, s.max_batch, t.batch_size, t.steps_per_round, t.round_size, t.perceptual,
+                       t.pixel_weight > 0])
+
+
+def round_seconds(config) -> float:
+    """CPU seconds of one round of `config` on this thread: one code search and `steps_per_round` steps (the
+    least of a few timed steps after a warm-up one, which is the least disturbed by other work)."""
     t = config.train
     dataset = training.training_set(config)
     torch.manual_seed(t.seed)
@@ -167,24 +182,37 @@ def calibrate(task: str, name: str) -> dict:
     batch = training.draw_round(config, dataset, 0, torch.device("cpu"))
     search = training.search_round(config, generator, distance, batch)
     search_seconds = time.process_time() - started
-    sizes = generator.code_sizes(generator.start([x[:1] for x in batch.inputs]))
-    codes = codes_from(search, sizes)
-    task_entry = tasks.get(config.task)
+    codes = codes_from(search, generator.code_sizes(generator.start([x[:1] for x in batch.inputs])))
+    task = tasks.get(config.task)
     generator.train()
-    steps, timed = 6, 0.0
-    for i in range(steps + 1):
+    times = []
+    for i in range(5):
         started = time.process_time()
         index = training.batch_indices(config, i)
-        losses = training.level_losses(generator, distance, task_entry, [x[index] for x in batch.inputs],
+        losses = training.level_losses(generator, distance, task, [x[index] for x in batch.inputs],
                                        [y[index] for y in batch.targets], [c[index] for c in codes])
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         optimizer.step()
-        if i:
-            timed += time.process_time() - started
-    step_seconds = timed / steps
-    return {"search_seconds": search_seconds, "step_seconds": step_seconds,
-            "round_seconds": search_seconds + t.steps_per_round * step_seconds}
+        times.append(time.process_time() - started)
+    return search_seconds + t.steps_per_round * min(times[1:])
+
+
+def calibrate(task: str, name: str) -> dict:
+    """What a round of the configuration costs: the reference's (REFERENCE) CPU seconds per round, measured once
+    per task and kept, times this configuration's cost relative to it. The ratio is 1 where the cost key is the
+    same; otherwise both are timed alternately in this process and the least of each taken, so that other work
+    on the machine affects both alike."""
+    reference, config = job_config(task, REFERENCE), job_config(task, name)
+    if name == REFERENCE:
+        return {"round_seconds": min(round_seconds(reference) for _ in range(3)), "ratio": 1.0}
+    if cost_key(config) == cost_key(reference):
+        return {"ratio": 1.0, "same_cost_as": REFERENCE}
+    times = {"reference": [], "config": []}
+    for _ in range(2):
+        times["reference"].append(round_seconds(reference))
+        times["config"].append(round_seconds(config))
+    return {"ratio": min(times["config"]) / min(times["reference"]), "times": times}
 
 
 def train_and_score(task: str, name: str, seed: int, budget: float, rounds: int, out: Path, photos: int | None
@@ -272,14 +300,18 @@ def run(task: str, budget: float, names: list[str], seeds: list[int], jobs: int,
         photos: int | None) -> list[dict]:
     """Calibrate, then train and score every (configuration, seed); returns the results."""
     base = work / slug(task)
-    calibrations = [{"kind": "calibrate", "task": task, "config": n, "result": str(base / slug(n) / "calibration.json")}
-                    for n in names]
-    run_jobs(calibrations, jobs)
+
+    def calibration(name):
+        return {"kind": "calibrate", "task": task, "config": name, "result": str(base / slug(name) / "calibration.json")}
+
+    run_jobs([calibration(REFERENCE)], jobs)
+    run_jobs([calibration(n) for n in names if n != REFERENCE], jobs)
+    anchor = json.loads(Path(calibration(REFERENCE)["result"]).read_text())["round_seconds"]
     runs = []
     for seed in seeds:
         for n in names:
-            per_round = json.loads((base / slug(n) / "calibration.json").read_text())["round_seconds"]
-            rounds = max(2, int(budget * 60 // per_round))
+            ratio = json.loads(Path(calibration(n)["result"]).read_text())["ratio"]
+            rounds = max(2, round(budget * 60 / (anchor * ratio)))
             folder = base / slug(n) / f"budget-{budget:g}" / f"seed-{seed}"
             runs.append({"kind": "train", "task": task, "config": n, "seed": seed, "budget": budget, "rounds": rounds,
                          "photos": photos, "out": str(folder), "result": str(folder.with_suffix(".json"))})
@@ -357,7 +389,8 @@ def plot(results: list[dict], path: Path) -> None:
             ys = [float(np.mean([r["curve"][i]["scores"]["builtin"]["ratio_best"] for r in rs])) for i in range(points)]
             series.append((name, xs, ys))
         panels.append(common.line_panel(f"{key}: best-of-8 LPIPS / baseline (builtin tiles)", series,
-                                        "training CPU-minutes", size=(900, 520)))
+                                        "training CPU-minutes", size=(900, 520),
+                                        guides={"baseline": 1.0, "target": TARGETS[key.split(" @ ")[0]]}))
     if panels:
         common.stack(panels, 1).save(path)
 
@@ -371,7 +404,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     parser.add_argument("--configs", nargs="+", default=None, help=f"configurations to run (default all): {list(CONFIGS)}")
     parser.add_argument("--jobs", type=int, default=2, help="one-thread processes at a time (default 2)")
-    parser.add_argument("--photos", type=int, default=40, help="held-out photos of the open photo set to score on")
+    parser.add_argument("--photos", type=int, default=30, help="held-out photos of the open photo set to score on")
     parser.add_argument("--job", type=Path, help=argparse_suppress())
     args = parser.parse_args()
     if args.job:
