@@ -84,6 +84,12 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "+ mapping lr x1": [*BEFORE, "train.mapping_lr_scale=1"],
     "+ lr 0.001": [*BEFORE, "train.lr=0.001"],
     "+ LPIPS-VGG loss": [*BEFORE, "train.perceptual=vgg"],
+    # Thresholds near the lower quartile of the nearest candidates' distances per level after 4 CPU-minutes of
+    # training (0.07-0.15, 0.10-0.16, 0.30-0.50, 0.50-0.61 from 10 % to 90 %), where each pool spans only ~0.02.
+    "+ RS-IMLE": [*BEFORE, "search.reject_below=[0.08,0.12,0.31,0.52]"],
+    "+ 64 fixed examples": [*BEFORE, "train.examples=64"],
+    "+ adaptive IMLE": [*BEFORE, "train.examples=64", "search.adaptive=true", "search.adaptive_min_visits=1",
+                        "search.adaptive_max_visits=3"],
     "small": [],
 }
 TARGETS = {"super-resolution": 0.90, "colourization": 0.90, "decompression": 0.85}  # best-of-8 / baseline (issue)
