@@ -19,9 +19,10 @@ it scores the model again):
 3. Scores its weights stored in float16 the same way, and keeps float16 if that moves best-of-8 LPIPS by less
    than FLOAT16_TOLERANCE on every set (the measurement goes into the record), else float32.
 4. Writes OUT/TASK.safetensors, OUT/TASK.json (the record: recipe, data and licences, steps, CPU time, machine,
-   numbers, the command) and OUT/TASK.md (the model card, made from the record by chimle.builtin.card).
-   With --install it copies the model and record into src/chimle/assets/models/ and the card to
-   docs/models/TASK.md, refusing if the package would exceed the wheel's limit (chimle.builtin.WHEEL_LIMIT).
+   numbers, the command), OUT/TASK.md (the model card, made from the record by chimle.builtin.card) and
+   OUT/TASK.jpg (held-out tiles: input | baseline | samples | ground truth). With --install it copies the model
+   and record into src/chimle/assets/models/ and the card and picture to docs/models/, refusing if the package
+   would exceed the wheel's limit (chimle.builtin.WHEEL_LIMIT).
 
 CPU time is this script's process time during training (all threads), added up over the sessions of a resumed
 run, each up to its last checkpoint.
@@ -39,6 +40,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -54,7 +56,7 @@ from chimle.evaluate import baseline_output, consistency  # noqa: E402
 from chimle.generator import Generator, count_parameters, initialise  # noqa: E402
 from chimle.metrics.diversity import pairwise_lpips  # noqa: E402
 from chimle.perceptual import LPIPS, Distance  # noqa: E402
-from chimle.sample import Model  # noqa: E402
+from chimle.sample import Model, image_grid  # noqa: E402
 from chimle.search import codes_from  # noqa: E402
 
 # ---- The recipes ---------------------------------------------------------------------------------------------
@@ -75,6 +77,7 @@ QUICK = {"preset": "tiny", "rounds": 2, "photos": 4}  # --quick: a smoke run of 
 SAMPLES = 8  # samples per held-out input
 BASELINES = {"super-resolution": "bicubic", "colourization": "grey image", "decompression": "JPEG",
              "paired": "night shot"}  # what each task's baseline is (chimle.evaluate.baseline_output)
+GRID_TILES, GRID_SAMPLES = 4, 6  # held-out tiles and samples of each shown in the card's picture
 FLOAT16_TOLERANCE = 0.002  # largest change of best-of-8 LPIPS for which the weights are stored in float16
 MODELS, CARDS = REPO / "src" / "chimle" / "assets" / "models", REPO / "docs" / "models"
 
@@ -243,9 +246,23 @@ def score_both(model_file: Path, config: Config, out: Path, photos: int | None) 
     scores["float16"] = score(half, sets, lpips)
     change = {name: scores["float16"][name]["best"] - scores["float32"][name]["best"] for name in sets}
     stored = "float16" if all(abs(c) < FLOAT16_TOLERANCE for c in change.values()) else "float32"
+    write_grid(half if stored == "float16" else model_file, sets, out / f"{config.task}.jpg")
     precision = {"change": change, "threshold": FLOAT16_TOLERANCE, "stored": stored,
                  **{dtype: {name: s["best"] for name, s in scores[dtype].items()} for dtype in scores}}
     return scores[stored], precision
+
+
+def write_grid(model_file: Path, sets: dict, path: Path) -> None:
+    """The card's picture: for the first GRID_TILES held-out tiles (of the open photo set if scored), a row
+    input | baseline | GRID_SAMPLES samples | ground truth, as JPEG."""
+    model = Model.load(model_file, device="cpu")
+    rows = []
+    for _, given, target in (sets.get("photos") or sets["builtin"])[:GRID_TILES]:
+        samples = model.sample(given, n=GRID_SAMPLES, seed=0)
+        base = [baseline_output(model.task, given, target.shape[-2:])[0]] if model.task.input_kind == "image" else []
+        rows.append([model.task.show_input(given, model.config), *base, *samples, target])
+    grid = image_grid(rows).mul(255).round().byte().permute(1, 2, 0).numpy()
+    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="JPEG", quality=90))
 
 
 def data_record(config: Config, out: Path) -> dict:
@@ -287,6 +304,8 @@ def write_files(task: str, config: Config, used: dict, scores: dict, precision: 
         "time": spent,
         "heldout": {"baseline": baseline, "sets": scores, "protocol": protocol(scores, baseline)},
         "precision": precision,
+        "grid": {"file": f"{task}.jpg", "samples": GRID_SAMPLES, "tiles": GRID_TILES,
+                 "set": "photos" if "photos" in scores else "builtin"},
         "command": common.command_line(),
     }
     atomic_write(out / f"{task}.json", (json.dumps(record, indent=2) + "\n").encode())
@@ -308,7 +327,8 @@ def protocol(scores: dict, baseline: str | None) -> str:
 
 def install(task: str, out: Path) -> None:
     """Copy the model and its record into the package and the card into docs/models, within the wheel's limit."""
-    files = {out / f"{task}.safetensors": MODELS, out / f"{task}.json": MODELS, out / f"{task}.md": CARDS}
+    files = {out / f"{task}.safetensors": MODELS, out / f"{task}.json": MODELS, out / f"{task}.md": CARDS,
+             out / f"{task}.jpg": CARDS}
     package = builtin.package_size(REPO / "src" / "chimle")
     after = package + sum(f.stat().st_size - _size(folder / f.name) for f, folder in files.items() if folder == MODELS)
     if after > builtin.WHEEL_LIMIT:

@@ -172,6 +172,11 @@ def card(record: dict) -> str:
              f"chimle evaluate --model {record['name']} --out eval/{task}",
              f"chimle train --init {record['name']} {_same_model(record)}--data MY_PHOTOS/ --out runs/{task}-mine"
              "   # fine-tune", "```", ""]
+    grid = record.get("grid")
+    if grid:
+        lines += [f"![held-out tiles: input, baseline, samples, ground truth]({grid['file']})", "",
+                  f"The first {grid['tiles']} tiles of the `{grid['set']}` held-out set, one per row: the input | the "
+                  f"baseline | samples 0-{grid['samples'] - 1} (seed 0) | the ground truth.", ""]
     lines += _data_section(record.get("data") or {})
     lines += _recipe_section(record)
     lines += _heldout_section(record)
