@@ -154,9 +154,11 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
-def save_model(path: str | Path, generator: Generator, config: Config) -> None:
-    """Write the generator's weights with the resolved config (atomically)."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in generator.state_dict().items()}
+def save_model(path: str | Path, generator: Generator, config: Config, dtype: torch.dtype = torch.float32) -> None:
+    """Write the generator's weights with the resolved config (atomically). `dtype=torch.float16` halves the
+    file (the built-in models, see chimle.builtin); `load_model` turns such weights back into float32."""
+    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in generator.state_dict().items()}
     metadata = {"format": FORMAT, "config": config.to_yaml(), "chimle_version": __version__}
     atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
 
@@ -248,7 +250,12 @@ def check_fits(state: dict, config: Config, source: str) -> None:
 
 
 def model_path(path: str | Path) -> Path:
-    """A model file, or a run directory holding one."""
+    """A model file, a run directory holding one, or the name of a built-in model (`builtin:TASK`, a string with
+    exactly that prefix; see chimle.builtin)."""
+    from chimle import builtin
+
+    if builtin.is_builtin(path):
+        return builtin.resolve(path)
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
@@ -279,17 +286,42 @@ def read_config(path: str | Path) -> Config:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, Config]:
-    """Rebuild the generator of a model file (or run directory) in eval mode."""
+    """Rebuild the generator of a model file (or run directory, or built-in model) in eval mode, in float32."""
     path = model_path(path)
     config = read_config(path)
     generator = Generator(config.model)
+    tensors = read_weights(path)
+    check_state(generator, tensors, str(path))
+    generator.load_state_dict(tensors)
+    return generator.to(device).eval(), config
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a model file, floating-point ones as float32 (files may store them in float16)."""
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path} could not be read ({error}); it may be truncated") from None
-    check_state(generator, tensors, str(path))
-    generator.load_state_dict(tensors)
-    return generator.to(device).eval(), config
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def initial_weights(source: str | Path, config: Config) -> dict[str, torch.Tensor]:
+    """The weights of a model file, run directory or built-in model to start a new run of `config` from
+    (`chimle train --init`); refused, naming every differing field, if its task or model settings differ."""
+    path = model_path(source)
+    saved = read_config(path)
+    shown = source if str(source) == str(path) else f"{source} ({path})"
+    if saved.task != config.task:
+        raise CheckpointError(f"--init {shown} is a {saved.task} model, but this run trains {config.task}: start "
+                              f"from a {config.task} model, or give --task {saved.task}")
+    differ = [f"model.{k}={v!r} (this run: {getattr(config.model, k)!r})"
+              for k, v in vars(saved.model).items() if getattr(config.model, k) != v]
+    if config.task == "layout" and saved.data.palette_colours != config.data.palette_colours:
+        differ.append("another label palette (data.palette)")  # the input channels would mean other classes
+    if differ:
+        raise CheckpointError(f"--init {shown} has {', '.join(differ)}: give the run the same model settings (its "
+                              "preset, or -o with these values)")
+    return read_weights(path)
 
 
 def check_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

