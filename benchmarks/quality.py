@@ -87,6 +87,9 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     # Thresholds near the lower quartile of the nearest candidates' distances per level after 4 CPU-minutes of
     # training (0.07-0.15, 0.10-0.16, 0.30-0.50, 0.50-0.61 from 10 % to 90 %), where each pool spans only ~0.02.
     "+ RS-IMLE": [*BEFORE, "search.reject_below=[0.08,0.12,0.31,0.52]"],
+    "+ L1 2": [*BEFORE, "train.pixel_weight=2.0"],
+    "+ wider fine levels": [*BEFORE, "model.channels=[32,32,16,16]", "model.growth=[16,16,8,8]"],
+    "+ 1 block, wider": [*BEFORE, "model.blocks=1", "model.channels=[48,32,24,12]", "model.growth=[24,16,12,8]"],
     "+ 64 fixed examples": [*BEFORE, "train.examples=64"],
     "+ adaptive IMLE": [*BEFORE, "train.examples=64", "search.adaptive=true", "search.adaptive_min_visits=1",
                         "search.adaptive_max_visits=3"],

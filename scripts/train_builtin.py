@@ -50,7 +50,7 @@ import quality  # noqa: E402
 from chimle import __version__, builtin, photoset, tasks  # noqa: E402
 from chimle import train as training  # noqa: E402
 from chimle.checkpoint import atomic_write, load_model, save_model  # noqa: E402
-from chimle.config import Config, resolve, user_settings  # noqa: E402
+from chimle.config import Config, load_run, resolve, user_settings  # noqa: E402
 from chimle.data import list_images, load_image, save_image  # noqa: E402
 from chimle.evaluate import baseline_output, consistency  # noqa: E402
 from chimle.generator import Generator, count_parameters, initialise  # noqa: E402
@@ -65,7 +65,7 @@ from chimle.search import codes_from  # noqa: E402
 # demo makes them (chimle.demo.night). These are starting points (the `small` preset at its demo length): the
 # final recipes and lengths are set here when the built-in models are trained.
 RECIPES: dict[str, dict] = {
-    "super-resolution": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.rounds=12"]},
+    "super-resolution": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.ema=0.999", "train.rounds=150"]},
     "colourization": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.rounds=12"]},
     "decompression": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.rounds=12"]},
     "paired": {"preset": "small", "overrides": ["data.path=NIGHT_PAIRS", "train.rounds=12"]},
@@ -182,6 +182,7 @@ def train(task: str, args, out: Path) -> tuple[Config, dict, dict]:
             config = resolve(task=task, preset=preset, overrides=with_data(used["overrides"], out))
         settings = None
     atomic_write(recipe_file, json.dumps(used).encode())
+    steps_per_round = (config or load_run(run / "config.yaml")).train.steps_per_round
     before = json.loads(times_file.read_text()) if times_file.is_file() else {"cpu_seconds": 0.0, "wall_seconds": 0.0}
     cpu, wall = time.process_time(), time.perf_counter()
 
@@ -189,6 +190,8 @@ def train(task: str, args, out: Path) -> tuple[Config, dict, dict]:
         spent = {"cpu_seconds": before["cpu_seconds"] + time.process_time() - cpu,
                  "wall_seconds": before["wall_seconds"] + time.perf_counter() - wall, "step": step}
         atomic_write(times_file, json.dumps(spent).encode())
+        if args.snapshot_every and step % (args.snapshot_every * steps_per_round) == 0:
+            keep_snapshot(out, step, model_file, spent)
 
     training.train(config, run, resume=config is None, device=str(device), settings=settings, on_save=record_time)
     spent = json.loads(times_file.read_text()) if times_file.is_file() else before
@@ -345,6 +348,17 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else 0
 
 
+def keep_snapshot(out: Path, step: int, model_file: Path, spent: dict) -> None:
+    """A copy of the model at `step` in OUT/snapshots/, listed with the CPU time spent so far in snapshots.json."""
+    folder = out / "snapshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model_file, folder / f"step-{step:07d}.safetensors")
+    listing = folder / "snapshots.json"
+    entries = json.loads(listing.read_text()) if listing.is_file() else []
+    entries = [e for e in entries if e["step"] != step] + [{"step": step, **spent}]
+    atomic_write(listing, json.dumps(sorted(entries, key=lambda e: e["step"]), indent=1).encode())
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, choices=list(RECIPES))
@@ -354,6 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "recipe's train.rounds")
     parser.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting over the recipe (on a resumed run: a change, e.g. -o train.rounds=N)")
+    parser.add_argument("--snapshot-every", type=int, default=0, metavar="ROUNDS",
+                        help="keep a copy of the model every ROUNDS rounds in OUT/snapshots/ (for a learning curve)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--photos", type=int, default=None,
                         help="score on at most this many held-out photos of the open photo set (default: all)")
