@@ -77,7 +77,10 @@ def tanh_to_unit(raw: torch.Tensor, level_input: torch.Tensor | None) -> torch.T
 
 def chroma_to_rgb(raw: torch.Tensor, level_input: torch.Tensor) -> torch.Tensor:
     """Colourization: the level's L input (L/100) and its two predicted chroma channels, pre-multiplied by
-    luminance as in the official release (a = 127 * a_hat / max(L, 0.01), likewise b), as sRGB."""
+    luminance as in the official release (a = 127 * a_hat / max(L, 0.01), likewise b), as sRGB. Unlike the
+    official release the Lab L is the input's own 100 L, not 100 max(L, 0.01): a sample keeps its input's
+    lightness exactly (the clamp only guards the division). Out-of-gamut colours keep their gradient (see
+    chimle.colour.lab_to_rgb)."""
     L = level_input
     ab = 127 * raw / L.clamp_min(0.01)
     return lab_to_rgb(torch.cat([100 * L, ab], dim=1))
@@ -106,6 +109,8 @@ def _sr_inputs(image: torch.Tensor, config: Config) -> list[torch.Tensor]:
 
 
 def _colour_inputs(image: torch.Tensor, config: Config) -> list[torch.Tensor]:
+    # The L of each level of the given (grey) image's pyramid, in training as at sampling time, where a grey image
+    # is all there is; the official release takes L of the colour target's pyramid, which differs slightly.
     return [lightness(x) / 100 for x in pyramid(image, config.model.levels)]
 
 
