@@ -70,7 +70,7 @@ class SearchConfig:
     flat: bool = False  # flat cIMLE instead: one pool of full codes judged at the last level only
     flat_samples: int = 0  # pool size of the flat search; 0 = the hierarchical pools' total render count
     max_batch: int = 64  # most candidate renders run at once (the memory budget of the search)
-    precision: str = "float32"  # candidate renders: float32 | bfloat16 (autocast; pays on GPUs and bf16 CPUs)
+    precision: str = "auto"  # candidate renders: auto (bfloat16 where the device has it natively) | float32 | bfloat16
     rescore: int = 4  # with bfloat16: each example's nearest candidates re-judged in float32 at every level
     zero_codes: bool = False  # regression baseline: no search, every code zero (same network, same loss)
     reject_below: list[float] = field(default_factory=list)  # RS-IMLE: per level, candidates nearer than this are rejected; [] or 0 = off (paper: off)
@@ -362,8 +362,8 @@ def validate(config: Config) -> None:
         problems.append(f"search.samples_per_level={s.samples_per_level} needs one positive value per level ({m.levels})")
     if s.flat_samples < 0 or s.max_batch < 1:
         problems.append("search.flat_samples must be >= 0 and search.max_batch >= 1")
-    if s.precision not in ("float32", "bfloat16"):
-        problems.append(f"search.precision={s.precision!r} must be 'float32' or 'bfloat16'")
+    if s.precision not in ("auto", "float32", "bfloat16"):
+        problems.append(f"search.precision={s.precision!r} must be 'auto', 'float32' or 'bfloat16'")
     if s.reject_below and (len(s.reject_below) not in (1, m.levels) or any(not v >= 0 for v in s.reject_below)):
         problems.append(f"search.reject_below={s.reject_below} needs one value >= 0, or one per level ({m.levels})")
     if s.adaptive and (not t.examples or s.flat or s.zero_codes):

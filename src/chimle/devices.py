@@ -50,6 +50,24 @@ def pick(name: str | None = None) -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or
+    AMX. Elsewhere (e.g. AVX2-only CPUs) PyTorch emulates bfloat16, 5-40x slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def search_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the code search renders its candidates in for `search.precision` (None: float32)."""
+    if precision == "bfloat16" or (precision == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return None
+
+
 def configure() -> None:
     """The precision and determinism policy above, for this process: IEEE float32 (no TF32) in matrix products
     and convolutions, deterministic cuDNN convolution algorithms. Harmless on a machine without CUDA."""

@@ -34,7 +34,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from chimle import checkpoint, distributed, tasks
+from chimle import checkpoint, devices, distributed, tasks
 from chimle import weights as weights_lib
 from chimle.checkpoint import (MODEL_FILE, CheckpointError, CorruptCheckpointError, atomic_write, check_fits,
                                check_folder, check_state, crash_point, disk_errors, save_model)
@@ -121,7 +121,7 @@ def search_round(config: Config, generator: Generator, distance: Distance, batch
     inputs, targets, seeds = [x[mine] for x in batch.inputs], [y[mine] for y in batch.targets], seeds[mine]
     task, s = tasks.get(config.task), config.search
     generator.eval()
-    dtype = torch.bfloat16 if s.precision == "bfloat16" else None
+    dtype = devices.search_dtype(s.precision, inputs[0].device)
 
     def search(x, y, pool_seeds):
         return hierarchical_search(generator, distance, task, x, y, pool_seeds, s.samples_per_level, s.max_batch,
