@@ -1,6 +1,5 @@
 """The web page's HTTP side, without a browser: uploads and their limits, jobs, downloads, safety."""
 
-import http.client
 import io
 import json
 import socket
@@ -17,6 +16,7 @@ from chimle.cli import build_parser
 from chimle.generator import Generator
 from chimle.sample import Model, png_bytes
 from chimle.serve import App, Limits, Server, clean_name, fitting_size, model_names
+import live
 from conftest import randomize, tiny_config
 
 
@@ -47,16 +47,8 @@ def server(tmp_path_factory):
 
 def request(server, method, path, body=None, headers=None):
     """(status, headers, body bytes) of one request, the path sent as it is (no normalisation)."""
-    host, port = server.server_address[:2]
-    connection = http.client.HTTPConnection(host, port, timeout=30)
-    headers = dict(headers or {})
-    if isinstance(body, dict):
-        body, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
-    connection.request(method, path, body=body, headers=headers)
-    response = connection.getresponse()
-    data = response.read()
-    connection.close()
-    return response.status, dict(response.getheaders()), data
+    assert server.server_address[0] == "127.0.0.1"
+    return live.request(server.server_address[1], method, path, body, headers)
 
 
 def api(server, method, path, body=None, headers=None, status=200):
