@@ -66,8 +66,8 @@ from chimle.search import codes_from  # noqa: E402
 # final recipes and lengths are set here when the built-in models are trained.
 RECIPES: dict[str, dict] = {
     "super-resolution": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.ema=0.999", "train.rounds=150"]},
-    "colourization": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.rounds=12"]},
-    "decompression": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.rounds=12"]},
+    "colourization": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.ema=0.999", "train.rounds=100"]},
+    "decompression": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.ema=0.999", "train.rounds=100"]},
     "paired": {"preset": "small", "overrides": ["data.path=NIGHT_PAIRS", "train.rounds=12"]},
     "layout": {"preset": "small", "overrides": ["train.rounds=12"]},  # the built-in photos and label maps
 }
