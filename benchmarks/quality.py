@@ -371,18 +371,38 @@ def markdown(table: dict, run: dict) -> str:
             base = next(iter(configs.values()))["baseline_lpips"][s]
             lines += [f"### held-out set `{s}` (baseline LPIPS {base:.4f})", "",
                       "| configuration | seeds | rounds | train CPU-min | " + " | ".join(label for _, label in COLUMNS)
-                      + " |", "|---" * (4 + len(COLUMNS)) + "|"]
+                      + f" | best-of-8 vs {REFERENCE} |", "|---" * (5 + len(COLUMNS)) + "|"]
+            reference = configs.get(REFERENCE, {}).get("sets", {}).get(s, {}).get("ratio_best")
             for name, row in configs.items():
                 if s not in row["sets"]:
                     continue
                 cells = [common.pm(row["sets"][s][m], 4 if m == "kid" else 3) for m, _ in COLUMNS]
                 lines.append(f"| {name} | {len(row['seeds'])} | {row['rounds']} | "
-                             f"{row['train_cpu_minutes']['mean']:.1f} | " + " | ".join(cells) + " |")
+                             f"{row['train_cpu_minutes']['mean']:.1f} | " + " | ".join(cells) + " | "
+                             + verdict(row["sets"][s]["ratio_best"], reference, name == REFERENCE) + " |")
             lines.append("")
-        lines += ["Overrides of each configuration (on the `small` preset):", ""]
-        lines += [f"- **{name}**: `{' '.join(row['overrides']) or '(none)'}`" for name, row in configs.items()]
-        lines.append("")
+        lines += [f"What each configuration changes from {REFERENCE} (on the `small` preset):", ""]
+        lines += [f"- **{name}**: `{' '.join(o for o in row['overrides'] if o not in BEFORE) or '(nothing)'}`"
+                  for name, row in configs.items() if name != REFERENCE]
+        lines += [f"- **{REFERENCE}**: `{' '.join(BEFORE)}`", ""]
     return "\n".join(lines)
+
+
+def verdict(stats: dict, reference: dict | None, is_reference: bool) -> str:
+    """The difference of mean best-of-8 ratios from the reference, and whether it exceeds the spread between seeds:
+    twice the standard error of the difference where both have several seeds, else the reference's min..max."""
+    if is_reference or reference is None or stats["mean"] is None or reference["mean"] is None:
+        return ""
+    delta = stats["mean"] - reference["mean"]
+    if stats["n"] > 1 and reference["n"] > 1:
+        noise = 2 * math.sqrt(stats["std"] ** 2 / stats["n"] + reference["std"] ** 2 / reference["n"])
+        clear = abs(delta) > noise
+    elif reference["n"] > 1:
+        clear = not reference["min"] <= stats["mean"] <= reference["max"]
+    else:
+        return f"{delta:+.3f} (one seed each)"
+    word = ("better" if delta < 0 else "worse") if clear else "within the seed spread"
+    return f"{delta:+.3f}, {word}"
 
 
 def plot(results: list[dict], path: Path) -> None:
