@@ -184,10 +184,12 @@ def table(rows: list[tuple[str, dict]], baseline: str | None) -> list[str]:
     """Lines of a table of the mean numbers of each (label, mean) row, then the baseline's, if any."""
     width = max(24, *(len(label) for label, _ in rows))
     lines = [f"{'':{width}s} {'best-of-8 LPIPS':>16s} {'mean LPIPS':>11s} {'best-of-8 PSNR':>15s} {'mean PSNR':>10s} "
-             f"{'diversity':>10s}"]
+             f"{'diversity':>10s}" + (f" {'best-of-8 / ' + baseline:>22s}" if baseline else "")]
     for label, m in rows:
+        ratio = f" {m['ours_best_lpips'] / m['baseline_lpips']:22.3f}" if baseline and "baseline_lpips" in m else ""
         lines.append(f"{label:{width}s} {m['ours_best_lpips']:16.4f} {m['ours_mean_lpips']:11.4f} "
-                     f"{m['ours_best_psnr']:15.2f} {m['ours_mean_psnr']:10.2f} {m['ours_diversity_lpips']:10.4f}")
+                     f"{m['ours_best_psnr']:15.2f} {m['ours_mean_psnr']:10.2f} {m['ours_diversity_lpips']:10.4f}"
+                     + ratio)
     # One baseline row, or one per model where their inputs differ (another number of levels: another scale).
     bases = {round(m["baseline_lpips"], 6): (label, m) for label, m in rows if baseline and "baseline_lpips" in m}
     for label, m in bases.values():
