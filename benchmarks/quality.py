@@ -94,6 +94,7 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "+ adaptive IMLE": [*BEFORE, "train.examples=64", "search.adaptive=true", "search.adaptive_min_visits=1",
                         "search.adaptive_max_visits=3"],
     "EMA + lr 0.004": [*BEFORE, "train.ema=0.999", "train.lr=0.004"],
+    "EMA + 126 photos": [*BEFORE, "train.ema=0.999", PHOTOS],
     "small": [],
 }
 TARGETS = {"super-resolution": 0.90, "colourization": 0.90, "decompression": 0.85}  # best-of-8 / baseline (issue)
