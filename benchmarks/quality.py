@@ -66,7 +66,7 @@ WORK = Path(__file__).resolve().parents[1] / "runs" / "quality"
 BEFORE = ["train.init=pytorch", "train.ema=0", "train.schedule=constant", "train.warmup=0", "train.lr=0.002",
           "train.batch_size=8", "train.pixel_weight=1.0", "train.perceptual=alex", "train.round_size=32",
           "train.steps_per_round=60", "search.samples_per_level=[20,20,10,5]", "search.reject_below=[]"]
-PHOTOS = "data.path=PHOTOS"  # train on the open photo set's training split (chimle.photoset) instead of the nine
+PHOTOS = "data.path=photoset:train"  # train on the open photo set's training split instead of the nine built in
 REFERENCE = "small (before)"  # the configuration whose measured round time anchors every budget
 CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "small (before)": BEFORE,
@@ -168,8 +168,7 @@ def score(model_file: Path, sets: dict, full: bool, lpips: LPIPS, inception=None
 
 
 def job_config(task: str, name: str, extra: list[str] = ()):
-    overrides = [f"data.path={photo_set('train')}" if o == PHOTOS else o for o in CONFIGS[name]]
-    return common.config(task, [*overrides, *extra])
+    return common.config(task, [*CONFIGS[name], *extra])
 
 
 def cost_key(config) -> str:

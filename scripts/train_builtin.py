@@ -271,7 +271,7 @@ def write_grid(model_file: Path, sets: dict, path: Path) -> None:
 def data_record(config: Config, out: Path) -> dict:
     """What the model was trained on, and under which licences."""
     path = config.data.path
-    if path in (str(photoset.root() / "train"), str(out / "pairs")):
+    if path in (photoset.PREFIX + "train", str(photoset.root() / "train"), str(out / "pairs")):
         rows = [r for r in photoset.listing() if r["split"] == "train"]
         what = ("night shots (chimle.demo.night) made from " if path == str(out / "pairs") else "") + \
             "the training split of the open photo set"

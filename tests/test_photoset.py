@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image, JpegImagePlugin
 
@@ -367,3 +368,24 @@ def test_real_build(tmp_path, monkeypatch):
     assert photoset.near_duplicates(hashes) == []
     text = (root / "ATTRIBUTION.md").read_text()
     assert all(f"| {p.split}/{p.stem}.jpg | " in text for p in photos)
+
+
+def test_a_training_folder_setting_can_name_a_split_of_the_set(monkeypatch, tmp_path):
+    monkeypatch.setattr(photoset, "folder", lambda split, log=print: tmp_path / split)
+    assert photoset.resolve("photoset:train") == tmp_path / "train"
+    assert photoset.resolve("photoset:heldout") == tmp_path / "heldout"
+    assert photoset.resolve("photoset") == "photoset" and photoset.resolve("") == ""  # a folder named so stays one
+    with pytest.raises(photoset.PhotosetError, match="photoset:train, photoset:heldout"):
+        photoset.resolve("photoset:test")
+
+
+def test_training_on_the_set_by_name(monkeypatch, tmp_path):
+    from chimle.data import save_image
+    from chimle.train import training_set
+    from conftest import tiny_config
+
+    for i in range(3):
+        save_image(torch.rand(3, 40, 48, generator=torch.Generator().manual_seed(i)), tmp_path / "train" / f"p{i}.png")
+    monkeypatch.setattr(photoset, "folder", lambda split, log=print: tmp_path / split)
+    dataset = training_set(tiny_config("super-resolution", "data.path=photoset:train"))
+    assert [p.name for p in dataset.files] == ["p0.png", "p1.png", "p2.png"]

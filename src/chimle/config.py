@@ -48,7 +48,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # folder of training images (targets; paired: A|B images if `inputs` is empty); empty = built in
+    path: str = ""  # folder of training images (targets; paired: A|B images if `inputs` is empty); empty = the 9 built in; photoset:train = the open photo set
     inputs: str = ""  # folder of given inputs matched to `path` by file stem (paired: input images; layout: label maps)
     crop: int = 256  # height (and width) of the random training crops of the target, px (paper, super-resolution: 512)
     crop_width: int = 0  # width of the crops if not square, px; 0 = `crop` (Cityscapes at 256 x 512: 512)

@@ -444,6 +444,20 @@ def folder(split: str, log: Callable[[str], None] = print) -> Path:
     return build(log=log) / split
 
 
+PREFIX = "photoset:"  # `data.path` naming a split of the set, e.g. photoset:train
+
+
+def resolve(path: str | Path) -> str | Path:
+    """A training folder setting with `photoset:SPLIT` replaced by that split's folder (built on first use); any
+    other path unchanged. The prefix keeps a run's config.yaml free of this machine's cache path."""
+    if isinstance(path, str) and path.startswith(PREFIX):
+        split = path[len(PREFIX):]
+        if split not in SPLITS:
+            raise PhotosetError(f"{path}: the open photo set has the splits {', '.join(PREFIX + s for s in SPLITS)}")
+        return folder(split)
+    return path
+
+
 def listing(photos: list[Photo] | None = None) -> list[dict]:
     """One row per photo of the manifest: its facts and whether the cache holds it (``chimle photos list``)."""
     photos = manifest() if photos is None else photos

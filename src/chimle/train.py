@@ -26,7 +26,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +34,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from chimle import checkpoint, devices, distributed, tasks
+from chimle import checkpoint, devices, distributed, photoset, tasks
 from chimle import weights as weights_lib
 from chimle.checkpoint import (MODEL_FILE, CheckpointError, CorruptCheckpointError, atomic_write, check_fits,
                                check_folder, check_state, crash_point, disk_errors, save_model)
@@ -73,6 +73,7 @@ def training_set(config: Config) -> ImageFolder:
     """The training data the task needs: photos (inputs derived from them), pairs, or photos with label maps."""
     task, d = tasks.get(config.task), config.data
     crop = (d.crop, d.crop_width or d.crop)
+    d = replace(d, path=photoset.resolve(d.path))
     if task.input_kind == "labels":
         from chimle.labels import LayoutFolder, builtin_layouts, palette_of
 
