@@ -79,8 +79,8 @@ def chroma_to_rgb(raw: torch.Tensor, level_input: torch.Tensor) -> torch.Tensor:
     """Colourization: the level's L input (L/100) and its two predicted chroma channels, pre-multiplied by
     luminance as in the official release (a = 127 * a_hat / max(L, 0.01), likewise b), as sRGB. Unlike the
     official release the Lab L is the input's own 100 L, not 100 max(L, 0.01): a sample keeps its input's
-    lightness exactly (the clamp only guards the division). Out-of-gamut colours keep their gradient (see
-    chimle.colour.lab_to_rgb)."""
+    lightness exactly (the clamp only guards the division). Out-of-gamut colours are clipped, without a
+    gradient beyond the gamut (see chimle.colour._clip_to_gamut for why)."""
     L = level_input
     ab = 127 * raw / L.clamp_min(0.01)
     return lab_to_rgb(torch.cat([100 * L, ab], dim=1))
