@@ -258,3 +258,10 @@ def test_init_alone_takes_the_task_of_its_weights(tmp_path):
     assert main(["train", "--init", str(tmp_path / "jpeg.safetensors"), "--preset", "tiny", "--out",
                  str(tmp_path / "run"), *[x for o in FAST for x in ("-o", o)]]) == 0
     assert load_model(tmp_path / "run")[1].task == "decompression"
+
+
+def test_card_shows_the_length_a_run_was_extended_or_shortened_to():
+    extended = record()
+    extended["recipe"]["overrides"] = ["data.path=PHOTOS", "train.rounds=150", "train.ema=0.999", "train.rounds=40"]
+    text = builtin.card(extended)
+    assert "`data.path=PHOTOS`, `train.rounds=40`, `train.ema=0.999`" in text and "rounds=150" not in text

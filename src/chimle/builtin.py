@@ -203,7 +203,7 @@ def _data_section(data: dict) -> list[str]:
 
 def _recipe_section(record: dict) -> list[str]:
     recipe, time = record.get("recipe") or {}, record.get("time") or {}
-    overrides = ", ".join(f"`{o}`" for o in recipe.get("overrides", [])) or "no overrides"
+    overrides = ", ".join(f"`{o}`" for o in effective(recipe.get("overrides", []))) or "no overrides"
     gpu = f"{_hours(time['gpu_seconds'])} on {time.get('gpu')}" if time.get("gpu_seconds") else "no GPU"
     return ["## Recipe and cost", "",
             f"Preset `{recipe.get('preset')}` with {overrides}{_placeholders(recipe.get('overrides', []))}: "
@@ -214,6 +214,13 @@ def _recipe_section(record: dict) -> list[str]:
             f"wall time; {gpu}) on {time.get('cpu_model')} with {time.get('threads')} thread(s), device "
             f"`{time.get('device')}`.", "",
             f"Made by: `{record.get('command')}`", ""]
+
+
+def effective(overrides: list[str]) -> list[str]:
+    """Each key's last setting among `overrides`, in the order the keys first appear (a run extended with
+    `-o train.rounds=N` records both lengths; the later one is the run's)."""
+    last = {o.partition("=")[0]: o for o in overrides}
+    return list(dict.fromkeys(last[o.partition("=")[0]] for o in overrides))
 
 
 def _placeholders(overrides: list[str]) -> str:
