@@ -62,9 +62,10 @@ from chimle.search import codes_from  # noqa: E402
 # ---- The recipes ---------------------------------------------------------------------------------------------
 # One per task: a preset and overrides of it; `train.rounds` is the length. PHOTOS stands for the open photo set's
 # training split (chimle.photoset.folder("train")), NIGHT_PAIRS for night -> day pairs made from it as the paired
-# demo makes them (chimle.demo.night). The lengths are those the installed models were trained for (about 45 and
-# 27 CPU-minutes at one thread): what the CPU time of the version that made them allowed, not where the learning
-# curve flattens (see their cards), so longer runs of the same recipe (`-o train.rounds=N`) are expected to do better.
+# demo makes them (chimle.demo.night). The lengths are those the installed models were trained for (about 50 and
+# 27 CPU-minutes at one thread): what the CPU time available allowed, not where the learning curve flattens (the
+# super-resolution model's was still falling at 40 rounds: README, "Quality at a fixed CPU budget"). A longer run
+# of the same recipe is `-o train.rounds=N`.
 RECIPES: dict[str, dict] = {
     "super-resolution": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.ema=0.999", "train.rounds=40"]},
     "colourization": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.ema=0.999", "train.rounds=24"]},
