@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from chimle import tasks  # noqa: E402
+from chimle.devices import native_bf16  # noqa: E402
 from chimle.blocks import WNConv2d  # noqa: E402
 from chimle.config import Config, resolve  # noqa: E402
 from chimle.data import ImageFolder, builtin_photos  # noqa: E402
@@ -284,13 +285,6 @@ def phase_levers(spec: dict, device: torch.device) -> dict:
     if spec["compile"]:
         out["compile_seconds"] = compile_seconds
     return out
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the device has bfloat16 arithmetic (CPU: AVX512-BF16 or AMX), so that autocast can pay."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 # Phase: does a bf16 search choose what a float32 search chooses? -----------------------------------------------
