@@ -48,7 +48,6 @@ import common  # noqa: E402
 
 from chimle import tasks, train as training  # noqa: E402
 from chimle.data import center_crop, list_images, load_image  # noqa: E402
-from chimle.evaluate import baseline_output, consistency  # noqa: E402
 from chimle.generator import Generator, initialise  # noqa: E402
 from chimle.metrics import fid as fid_lib, manifold  # noqa: E402
 from chimle.metrics.diversity import pairwise_lpips  # noqa: E402
@@ -141,11 +140,11 @@ def score(model_file: Path, sets: dict, full: bool, lpips: LPIPS, inception=None
         rows, real, fake = [], [], []
         for name, given, target in tiles:
             samples = model.sample(given, n=SAMPLES, seed=0)
-            base = baseline_output(task, given, target.shape[-2:])
+            base = task.baseline_image(given, target.shape[-2:])
             target_features = lpips.features(target[None])
             features = lpips.features(samples)
             distances = lpips.distance(features, target_features)
-            agreement = consistency(task, config, samples, given)
+            agreement = task.consistency(samples, given, config)
             rows.append({"best": distances.min().item(), "mean": distances.mean().item(),
                          "baseline": lpips(base, target[None]).item(),
                          "diversity": pairwise_lpips(lpips, features).mean().item(),

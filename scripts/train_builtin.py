@@ -47,12 +47,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import common  # noqa: E402
 import quality  # noqa: E402
 
-from chimle import __version__, builtin, photoset, tasks  # noqa: E402
+from chimle import __version__, builtin, demo, photoset, tasks  # noqa: E402
 from chimle import train as training  # noqa: E402
 from chimle.checkpoint import atomic_write, load_model, save_model  # noqa: E402
 from chimle.config import Config, load_run, resolve, user_settings  # noqa: E402
 from chimle.data import list_images, load_image, save_image  # noqa: E402
-from chimle.evaluate import baseline_output, consistency  # noqa: E402
 from chimle.generator import Generator, count_parameters, initialise  # noqa: E402
 from chimle.metrics.diversity import pairwise_lpips  # noqa: E402
 from chimle.perceptual import LPIPS, Distance  # noqa: E402
@@ -62,7 +61,7 @@ from chimle.search import codes_from  # noqa: E402
 # ---- The recipes ---------------------------------------------------------------------------------------------
 # One per task: a preset and overrides of it; `train.rounds` is the length. PHOTOS stands for the open photo set's
 # training split (chimle.photoset.folder("train")), NIGHT_PAIRS for night -> day pairs made from it as the paired
-# demo makes them (chimle.demo.night). The lengths are those the installed models were trained for (about 50 and
+# demo makes them (chimle.tasks.night_shot). The lengths are those the installed models were trained for (about 50 and
 # 27 CPU-minutes at one thread): what the CPU time available allowed, not where the learning curve flattens (the
 # super-resolution model's was still falling at 40 rounds: README, "Quality at a fixed CPU budget"). A longer run
 # of the same recipe is `-o train.rounds=N`.
@@ -77,8 +76,6 @@ RECIPES: dict[str, dict] = {
 
 QUICK = {"preset": "tiny", "rounds": 2, "photos": 4}  # --quick: a smoke run of the whole script
 SAMPLES = 8  # samples per held-out input
-BASELINES = {"super-resolution": "bicubic", "colourization": "grey image", "decompression": "JPEG",
-             "paired": "night shot"}  # what each task's baseline is (chimle.evaluate.baseline_output)
 GRID_TILES, GRID_SAMPLES = 4, 6  # held-out tiles and samples of each shown in the card's picture
 FLOAT16_TOLERANCE = 0.002  # largest change of best-of-8 LPIPS for which the weights are stored in float16
 MODELS, CARDS = REPO / "src" / "chimle" / "assets" / "models", REPO / "docs" / "models"
@@ -95,28 +92,13 @@ def recipe(task: str, quick: bool) -> tuple[str, list[str]]:
 
 def with_data(overrides: list[str], out: Path) -> list[str]:
     """The overrides with PHOTOS and NIGHT_PAIRS replaced by folders (built on first use)."""
-    placeholders = {"PHOTOS": lambda: photoset.folder("train"), "NIGHT_PAIRS": lambda: night_pairs(out / "pairs")}
+    placeholders = {"PHOTOS": lambda: photoset.folder("train"), "NIGHT_PAIRS": lambda: demo.make_pairs(
+        tasks.get("paired"), photoset.folder("train"), out / "pairs")}
     result = []
     for override in overrides:
         key, _, value = override.partition("=")
         result.append(f"{key}={placeholders[value]()}" if value in placeholders else override)
     return result
-
-
-def night_pairs(folder: Path) -> Path:
-    """The open photo set's training photos as A|B pairs (night shot left, photo right), made once."""
-    from chimle.demo import night
-
-    done = folder / ".complete"
-    if not done.is_file():
-        for i, path in enumerate(list_images(photoset.folder("train"))):
-            photo = load_image(path)
-            save_image(torch.cat([night(photo, i), photo], dim=-1), folder / f"{path.stem}.png")
-        done.write_text("")
-    return folder
-
-
-# ---- Training ------------------------------------------------------------------------------------------------
 
 
 def round_seconds(config: Config, device: torch.device) -> float:
@@ -228,8 +210,8 @@ def score(model_file: Path, sets: dict, lpips: LPIPS) -> dict:
             samples = model.sample(given, n=SAMPLES, seed=0)
             features = lpips.features(samples)
             distances = lpips.distance(features, lpips.features(target[None]))
-            agreement = consistency(task, config, samples, given)
-            base = baseline_output(task, given, target.shape[-2:]) if task.input_kind == "image" else None
+            agreement = task.consistency(samples, given, config)
+            base = task.baseline_image(given, target.shape[-2:]) if task.input_kind == "image" else None
             rows.append({"best": distances.min().item(), "mean": distances.mean().item(),
                          "baseline": None if base is None else lpips(base, target[None]).item(),
                          "diversity": pairwise_lpips(lpips, features).mean().item(),
@@ -264,7 +246,7 @@ def write_grid(model_file: Path, sets: dict, path: Path) -> None:
     rows = []
     for _, given, target in (sets.get("photos") or sets["builtin"])[:GRID_TILES]:
         samples = model.sample(given, n=GRID_SAMPLES, seed=0)
-        base = [baseline_output(model.task, given, target.shape[-2:])[0]] if model.task.input_kind == "image" else []
+        base = [model.task.baseline_image(given, target.shape[-2:])[0]] if model.task.input_kind == "image" else []
         rows.append([model.task.show_input(given, model.config), *base, *samples, target])
     grid = image_grid(rows).mul(255).round().byte().permute(1, 2, 0).numpy()
     atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="JPEG", quality=90))
@@ -275,7 +257,7 @@ def data_record(config: Config, out: Path) -> dict:
     path = config.data.path
     if path in (photoset.PREFIX + "train", str(photoset.root() / "train"), str(out / "pairs")):
         rows = [r for r in photoset.listing() if r["split"] == "train"]
-        what = ("night shots (chimle.demo.night) made from " if path == str(out / "pairs") else "") + \
+        what = ("night shots (chimle.tasks.night_shot) made from " if path == str(out / "pairs") else "") + \
             "the training split of the open photo set"
         return {"description": f"{len(rows)} photos: {what} (`chimle photos fetch`): photographs from Debian and PyPI "
                                "packages, split from the held-out ones by source photo.",
@@ -296,7 +278,7 @@ def write_files(task: str, config: Config, used: dict, scores: dict, precision: 
     save_model(model_file, generator, config, getattr(torch, precision["stored"]))
     rounds = training.total_rounds(config, len(training.training_set(config)))
     steps = rounds * config.train.steps_per_round
-    baseline = BASELINES.get(task)
+    baseline = tasks.get(task).baseline
     record = {
         "name": builtin.PREFIX + task, "task": task, "chimle": __version__,
         "scale": tasks.get(task).output_scale(config.model.levels),
@@ -387,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
     scores, precision = score_both(out / "run" / "model.safetensors", config, out, photos)
     record = write_files(args.task, config, used, scores, precision, spent, out)
     for name, s in scores.items():
-        ratio = "" if s["ratio_best"] is None else f" ({s['ratio_best']:.3f} x {BASELINES[args.task]})"
+        ratio = "" if s["ratio_best"] is None else f" ({s['ratio_best']:.3f} x {tasks.get(args.task).baseline})"
         print(f"{name:8s} {s['tiles']:3d} tiles  best-of-{SAMPLES} LPIPS {s['best']:.4f}{ratio}  mean {s['mean']:.4f}  "
               f"diversity {s['diversity']:.4f}")
     print(f"stored as {precision['stored']} (best-of-8 change in float16: "

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import chimle.sample
-from chimle import checkpoint
+from chimle import files
 from chimle.checkpoint import save_model
 from chimle.cli import build_parser, main
 from chimle.generator import Generator
@@ -49,7 +49,7 @@ def test_out_that_is_a_file_lies_under_one_or_cannot_be_written(model, tmp_path,
     for command in commands:
         assert "is a file; give a folder" in fails(capsys, *command, file if command[0] != "evaluate" else file / "r")
         assert f"lies under {file}, which is a file" in fails(capsys, *command, file / "sub" / "r")
-    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: False)  # as for a folder of another user
+    monkeypatch.setattr(files.os, "access", lambda path, mode: False)  # as for a folder of another user
     for command in commands:
         assert "(permission denied); give a folder you can write to" in fails(capsys, *command, tmp_path / "out" / "r")
     assert not (tmp_path / "out").exists()
@@ -59,7 +59,7 @@ def test_a_write_that_fails_is_one_line(model, tmp_path, capsys, monkeypatch):
     def refuse(fd, content):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(checkpoint, "_write_all", refuse)
+    monkeypatch.setattr(files, "_write_all", refuse)
     photo = image(tmp_path / "in.png", 4, 4)
     err = fails(capsys, "sample", "--model", model, "--input", photo, "--out", tmp_path / "o")
     assert "could not write" in err and "in_0.png: Permission denied" in err

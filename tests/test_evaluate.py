@@ -11,7 +11,7 @@ from chimle import tasks
 from chimle.checkpoint import save_model
 from chimle.cli import main
 from chimle.data import DataError, builtin_photos, list_images, load_image
-from chimle.evaluate import Options, Scorer, consistency, crop_boxes, evaluate_samples, samples_by_stem, scores
+from chimle.evaluate import Options, Scorer, crop_boxes, evaluate_samples, samples_by_stem, scores
 from chimle.generator import Generator
 from chimle.metrics import manifold
 from chimle.metrics.plot import per_input_points
@@ -69,13 +69,13 @@ def test_the_ground_truth_is_consistent_with_its_input(task, rng):
     entry = tasks.get(task)
     target = torch.rand(2, 3, 16, 16, generator=rng)
     given = entry.input_for(target[:1], config)[0]
-    perfect = consistency(entry, config, target[:1], given)
-    other = consistency(entry, config, target[1:], given)
+    perfect = entry.consistency(target[:1], given, config)
+    other = entry.consistency(target[1:], given, config)
     if task == "colourization":  # mean |L error|, Lab L units
         assert perfect.item() < 0.05 and other.item() > 5
     else:  # PSNR of the degraded output against the input, dB
         assert perfect.item() > 60 and other.item() < 30
-    assert consistency(tasks.get("paired"), config, target, given) is None
+    assert tasks.get("paired").consistency(target, given, config) is None
 
 
 def test_zero_codes_is_one_fixed_output(tmp_path, rng):

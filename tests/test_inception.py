@@ -5,8 +5,8 @@ import zipfile
 import pytest
 import torch
 
-from chimle.metrics.inception import (FIDInception, load_inception, preprocess, state_from_pytorch_fid,
-                                      state_from_torchscript)
+from chimle.metrics.fid import load_inception
+from chimle.metrics.inception import FIDInception, preprocess, state_from_pytorch_fid, state_from_torchscript
 
 
 @pytest.fixture(scope="module")

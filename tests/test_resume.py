@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chimle import checkpoint
+from chimle import checkpoint, files
 from chimle.checkpoint import CheckpointError, content_digest, load_state, save_state
 from chimle.config import ConfigError
 from chimle.generator import Generator
@@ -83,7 +83,7 @@ def checkpoint_files(run: Path) -> list[Path]:
 
 def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(whole, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real = checkpoint._write_all
+    real = files._write_all
     writes = []
 
     def fill_up(fd, content):
@@ -93,7 +93,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(whole, tmp
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd, content)
 
-    monkeypatch.setattr(checkpoint, "_write_all", fill_up)
+    monkeypatch.setattr(files, "_write_all", fill_up)
     with pytest.raises(CheckpointError, match=r"state-000000004\.pt: No space left on device \(nothing was "
                                               r"written\); free some space .* --resume"):
         train(tiny_config("super-resolution", *SETTINGS), out)
@@ -108,7 +108,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(whole, tmp
         checkpoint.save_model(out / "model.safetensors", Generator(tiny_config().model), tiny_config())
     assert (out / "model.safetensors").read_bytes() == before
 
-    monkeypatch.setattr(checkpoint, "_write_all", real)
+    monkeypatch.setattr(files, "_write_all", real)
     train(tiny_config("super-resolution", *SETTINGS), out, resume=True)
     assert_same_weights(whole, out)
 

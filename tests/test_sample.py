@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from chimle import checkpoint
+from chimle import files
 from chimle.blocks import WNConv2d
 from chimle.checkpoint import load_model, save_model
 from chimle.cli import main
@@ -83,7 +83,7 @@ def test_samples_grids_reports_and_converted_configs_are_written_atomically(tmp_
         if name.startswith("write:"):
             raise Crash(name)
 
-    monkeypatch.setattr(checkpoint, "crash_point", crash)
+    monkeypatch.setattr(files, "crash_point", crash)
     image = torch.rand(3, 4, 4)
     writes = [lambda: save_sample(image, tmp_path / "s.png", {}), lambda: save_image(image, tmp_path / "g.png"),
               lambda: image_grid([[image, image]], tmp_path / "grid.png"),
@@ -93,7 +93,7 @@ def test_samples_grids_reports_and_converted_configs_are_written_atomically(tmp_
             write()
     cfg, state = official_state("super-resolution")
     torch.save(state, tmp_path / "official.pth")
-    monkeypatch.setattr(checkpoint, "crash_point", lambda name: crash(name) if name == "write:config.yaml" else None)
+    monkeypatch.setattr(files, "crash_point", lambda name: crash(name) if name == "write:config.yaml" else None)
     with pytest.raises(Crash):
         convert_file(tmp_path / "official.pth", "super-resolution", tmp_path / "converted")
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["model.safetensors", "official.pth"]

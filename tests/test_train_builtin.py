@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import train_builtin  # noqa: E402
 
-from chimle import builtin  # noqa: E402
+from chimle import builtin, tasks  # noqa: E402
 from chimle.config import resolve  # noqa: E402
 from chimle.sample import Model  # noqa: E402
 
@@ -24,7 +24,7 @@ def test_every_recipe_is_a_valid_config(task, tmp_path):
     folders = [o.replace("=PHOTOS", f"={tmp_path}").replace("=NIGHT_PAIRS", f"={tmp_path}") for o in overrides]
     config = resolve(task=task, preset=preset, overrides=folders)
     assert config.task == task and config.train.rounds > 0  # a length in rounds, not passes
-    assert task in builtin.TASKS
+    assert task in tasks.TASKS
 
 
 def test_a_resumed_run_records_only_the_settings_it_changes():

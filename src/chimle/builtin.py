@@ -29,22 +29,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from chimle import __version__
-from chimle.checkpoint import CheckpointError
+from chimle import __version__, tasks
+from chimle.files import CheckpointError
 
 PREFIX = "builtin:"
-TASKS = ("super-resolution", "colourization", "decompression", "paired", "layout")  # the order of `chimle models`
 FOLDER = Path(__file__).resolve().parent / "assets" / "models"
 FOLDER_VARIABLE = "CHIMLE_BUILTIN_MODELS"  # another registry folder instead of FOLDER: for tests only
 PACKAGE = Path(__file__).resolve().parent
 WHEEL_LIMIT = 30 * 2**20  # the package's files, models included, must stay below this many bytes (issue 15)
-SUMMARY = {  # what each task's model does, one line for listings and cards
-    "super-resolution": "x{scale} super-resolution: an image {scale} times smaller in each direction -> the full image",
-    "colourization": "colourization: a greyscale photo -> colour photos",
-    "decompression": "JPEG decompression: a JPEG at a very low quality (10) -> clean images",
-    "paired": "night -> day: a dark, blue, noisy night shot -> the daylight photo",
-    "layout": "layout synthesis: a label map of the built-in palette -> photos",
-}
 
 
 def folder() -> Path:
@@ -58,9 +50,10 @@ def is_builtin(name) -> bool:
 
 
 def names() -> list[str]:
-    """The tasks whose model this version ships, in TASKS order (then any other file of the folder)."""
+    """The tasks whose model this version ships, in the task registry's order (then any other file of the folder)."""
     stems = {p.stem for p in folder().glob("*.safetensors")}
-    return sorted(stems, key=lambda stem: (TASKS.index(stem) if stem in TASKS else len(TASKS), stem))
+    order = list(tasks.TASKS)
+    return sorted(stems, key=lambda stem: (order.index(stem) if stem in order else len(order), stem))
 
 
 def resolve(name: str) -> Path:
@@ -73,11 +66,17 @@ def resolve(name: str) -> Path:
                           stacklevel=3)
         return path
     shipped = ", ".join(PREFIX + n for n in names()) or "none"
-    if task in TASKS:
+    if task in tasks.TASKS:
         raise CheckpointError(f"{name}: a {task} model is not built into chimle {__version__} (built in: {shipped}); "
                               f"train one with `chimle train --task {task}`")
     raise CheckpointError(f"{name} is not the name of a built-in model (built in: {shipped}); `chimle models` lists "
                           "them, and a local path is given without the builtin: prefix")
+
+
+def locate(model: str | Path) -> str | Path:
+    """The model file of a built-in model's name; anything else as it is (a path to a model file or run directory,
+    see chimle.checkpoint.model_path). Where a user names a model, it goes through here first."""
+    return resolve(model) if is_builtin(model) else model
 
 
 @dataclass
@@ -163,7 +162,7 @@ def card(record: dict) -> str:
     lines = [f"# Built-in model `{record['name']}`", "",
              f"<!-- Made by scripts/train_builtin.py from src/chimle/assets/models/{task}.json; do not edit by hand: "
              "run the script again. -->", "",
-             f"{SUMMARY.get(task, task).format(scale=record.get('scale', 16))}. chimle {record['chimle']}.", "",
+             f"{tasks.get(task).describe.format(scale=record.get('scale', 16))}. chimle {record['chimle']}.", "",
              "| file | parameters | stored as | size | sha256 |", "|---|---|---|---|---|",
              f"| `src/chimle/assets/models/{file['name']}` | {file['parameters']:,} | {file['dtype']} | "
              f"{file['bytes'] / 1e6:.2f} MB | `{file['sha256'][:16]}…` |", "",

@@ -261,9 +261,10 @@ def _train(args) -> None:
     if args.skip_bad:
         overrides.append("data.skip_bad=true")
     if args.init is not None and args.task is None and not args.resume:  # fine-tuning: the task of the weights
+        from chimle import builtin
         from chimle.checkpoint import read_config
 
-        args.task = read_config(args.init).task
+        args.task = read_config(builtin.locate(args.init)).task
     if args.resume:  # the run's config.yaml, changed by what this command line sets (refused where it cannot apply)
         settings = user_settings(args.config, overrides, task=args.task, preset=args.preset)
         train(None, args.out, resume=True, device=args.device, settings=settings, init=args.init)

@@ -326,9 +326,11 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
 def _fill_palette(config: Config) -> Config:
     """A layout model's input channels come from its palette, stored in the config so the model file is enough
     to read label maps at sampling time."""
-    if config.task != "layout":
-        return config
+    from chimle import tasks
     from chimle.labels import palette_of
+
+    if tasks.get(config.task).input_kind != "labels":
+        return config
 
     palette = palette_of(config)
     colours, void = palette.flat()

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from chimle.checkpoint import CheckpointError, atomic_write, check_state, save_model
+from chimle.checkpoint import CheckpointError, check_state, save_model
 from chimle.config import Config, ConfigError, resolve
+from chimle.files import atomic_write
 from chimle.generator import Generator
 
 # Our name (after `levels.{i}.`) -> the official name (after `level_{i+1}_`); `up` depends on the wiring.
@@ -43,7 +44,7 @@ def official_name(key: str, generator: Generator) -> str:
     level, rest = int(match[1]), match[2]
     up = re.fullmatch(r"up\.(conv[12])\.(\w+)", rest)
     if up:
-        refine = generator.cfg.wiring == "colourization" and level == generator.cfg.levels - 1
+        refine = generator.levels[level].up.scale == 1  # the colourization tower's last level
         table = _UP_REFINE if refine else _UP_UPSAMPLE
         return f"level_{level + 1}_up.{table[up[1]]}.{up[2]}"
     for pattern, replacement in _RULES:
@@ -105,7 +106,7 @@ def convert_state(state: dict[str, torch.Tensor], task: str) -> tuple[Generator,
     generator = Generator(config.model)
     names = {official_name(k, generator): k for k in generator.state_dict()}
     dropped = []
-    if config.model.wiring == "generic":
+    if generator.levels[-1].up is None:
         # The official generic tower builds an `up` block on its last level that its forward never uses.
         last_up = f"level_{config.model.levels}_up."
         dropped = sorted(k for k in state if k.startswith(last_up))

@@ -93,16 +93,21 @@ def load_image(path: str | Path, grey: bool = False) -> torch.Tensor:
     return read_image(path, grey).float().div_(255)
 
 
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """A (C, H, W) image in [0, 1] as the (H, W, C) uint8 array of its 8-bit values (rounded)."""
+    return image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
 def save_image(image: torch.Tensor, path: str | Path) -> None:
     """Write a (C, H, W) image in [0, 1] as PNG (or any extension Pillow knows), atomically (see
-    chimle.checkpoint.atomic_write)."""
-    from chimle.checkpoint import atomic_write
+    chimle.files.atomic_write)."""
+    from chimle.files import atomic_write
 
     path = Path(path)
     kind = Image.registered_extensions().get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: cannot tell the image format from its extension; use .png or .jpg")
-    array = image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    array = to_uint8(image)
     if array.shape[2] == 1:
         array = array[:, :, 0]
     buffer = io.BytesIO()

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from chimle import builtin, tasks, weights
-from chimle.checkpoint import atomic_write, check_folder
+from chimle.files import atomic_write, check_folder
 from chimle.config import resolve
-from chimle.data import builtin_photos, center_crop, list_images, load_image, save_image, seeded
+from chimle.data import builtin_photos, center_crop, list_images, load_image, save_image
 from chimle.metrics.diversity import pairwise_lpips
 from chimle.metrics.image import psnr
 from chimle.perceptual import LPIPS
@@ -41,21 +41,18 @@ from chimle.train import RunFiles, train
 
 SAMPLES = 8
 TILE = 128  # held-out tile side, px
-BASELINES = {"super-resolution": "bicubic", "colourization": "grey", "decompression": "JPEG", "paired": "night"}
+DEFAULT_TASK = "super-resolution"  # `chimle demo` without --task; its output goes to runs/demo
 
 
-def night(photo: torch.Tensor, seed: int) -> torch.Tensor:
-    """A synthetic night shot of a (3, H, W) photo: much darker, blue, with sensor noise. The paired demo's input."""
-    dark = photo.pow(2.2) * torch.tensor([0.25, 0.3, 0.5]).view(3, 1, 1)
-    noise = torch.randn(photo.shape, generator=seeded(seed, 7)) * 0.015
-    return (dark + noise).clamp(0, 1)
-
-
-def make_night_pairs(out: Path) -> Path:
-    """The built-in training photos as A|B pairs (night left, photo right) in out, for the paired task."""
-    for i, path in enumerate(list_images(builtin_photos("train"))):
-        photo = load_image(path)
-        save_image(torch.cat([night(photo, i), photo], dim=-1), out / f"{path.stem}.png")
+def make_pairs(task: tasks.Task, photos: Path, out: Path) -> Path:
+    """The photos of a folder as A|B training pairs in `out` (the task's demo input left, the photo right), for a
+    task whose inputs are not derived from its targets (the paired task: night shots); made once."""
+    done = out / ".complete"
+    if not done.is_file():
+        for i, path in enumerate(list_images(photos)):
+            photo = load_image(path)
+            save_image(torch.cat([task.demo_input(photo, i), photo], dim=-1), out / f"{path.stem}.png")
+        atomic_write(done, b"")
     return out
 
 
@@ -69,8 +66,8 @@ def heldout(task: tasks.Task, model: Model, size: int) -> list[tuple[str, torch.
         if task.input_kind == "labels":
             palette = palette_of(model.config)
             given = one_hot(load_labels(builtin_layouts("heldout") / f"{path.stem}.png", palette), palette.channels)
-        elif task.name == "paired":
-            given = night(photo, 1000 + number)
+        elif task.demo_input is not None:
+            given = task.demo_input(photo, 1000 + number)
         else:
             given = None
         centre = center_crop(photo, 2 * size)
@@ -89,7 +86,7 @@ def evaluate(model: Model, grids: Path, size: int) -> dict:
     """Samples, the baseline and metrics for every held-out tile; a grid per tile into `grids`."""
     lpips = LPIPS("vgg")
     task = model.task
-    baseline = BASELINES.get(task.name)
+    baseline = task.baseline
     rows = {}
     for name, given, target in heldout(task, model, size):
         samples = model.sample(given, n=SAMPLES, seed=0)
@@ -102,7 +99,7 @@ def evaluate(model: Model, grids: Path, size: int) -> dict:
             ours_psnr = psnr(samples, target[None])
             grid = [shown, *samples, target]
             if baseline:
-                base = tasks.resize(given[None], target.shape[-2:])
+                base = task.baseline_image(given, target.shape[-2:])
                 row = {"baseline_lpips": lpips(base, target[None]).item(), "baseline_psnr": psnr(base, target[None]).item()}
                 grid.insert(1, base[0])
         image_grid([grid], grids / f"{name}_grid.png")
@@ -123,11 +120,11 @@ def evaluate(model: Model, grids: Path, size: int) -> dict:
     }
 
 
-def run_demo(out: str | Path | None = None, task: str = "super-resolution", preset: str = "small",
+def run_demo(out: str | Path | None = None, task: str = DEFAULT_TASK, preset: str = "small",
              overrides: list[str] | None = None) -> dict:
     # Fetch weights (once).
     weights.fetch(log=lambda line: None)
-    out = Path(out or ("runs/demo" if task == "super-resolution" else f"runs/demo-{task}"))
+    out = Path(out or ("runs/demo" if task == DEFAULT_TASK else f"runs/demo-{task}"))
     check_folder(out)
 
     # The built-in model first: its grids and numbers within a minute.
@@ -135,8 +132,8 @@ def run_demo(out: str | Path | None = None, task: str = "super-resolution", pres
 
     # Train, or reuse the finished run.
     overrides = list(overrides or [])
-    if task == "paired":
-        overrides.insert(0, f"data.path={make_night_pairs(out / 'pairs')}")
+    if tasks.get(task).demo_input is not None:
+        overrides.insert(0, f"data.path={make_pairs(tasks.get(task), builtin_photos('train'), out / 'pairs')}")
     config = resolve(task=task, preset=preset, overrides=overrides)
     resume = (out / "config.yaml").is_file()
     print(f"{'resuming' if resume else 'training'} a '{preset}' {task} model on the built-in data -> {out}")
@@ -149,7 +146,7 @@ def run_demo(out: str | Path | None = None, task: str = "super-resolution", pres
     print(f"\n{report['protocol']}\n")
     rows = [(f"built-in ({shipped['model']})", shipped["mean"])] if shipped else []
     rows.append((f"trained here ('{preset}')", report["mean"]))
-    print("\n".join(table(rows, BASELINES.get(task))))
+    print("\n".join(table(rows, tasks.get(task).baseline)))
     print(f"\ngrids: {out / 'heldout'}" + (f" and {out / 'heldout-builtin'}" if shipped else "")
           + f"   report: {out / 'demo.json'}")
     m = report["mean"]
@@ -175,7 +172,7 @@ def demo_builtin(task: str, out: Path) -> dict | None:
     atomic_write(out / "demo.json", (json.dumps({"task": task, "protocol": report["protocol"], "builtin": shipped},
                                                 indent=2) + "\n").encode())
     print(f"\n{report['protocol']}\n")
-    print("\n".join(table([(f"built-in ({name})", report["mean"])], BASELINES.get(task))))
+    print("\n".join(table([(f"built-in ({name})", report["mean"])], tasks.get(task).baseline)))
     print(f"\ngrids: {out / 'heldout-builtin'}   report: {out / 'demo.json'}\n")
     return shipped
 

@@ -46,16 +46,13 @@ import torch
 from tqdm import tqdm
 
 from chimle import __version__, devices, tasks
-from chimle.checkpoint import atomic_write, check_folder
+from chimle.files import atomic_write, check_folder
 from chimle.config import Config, ConfigError, resolve
 from chimle.data import DataError, builtin_photos, list_images, load_image, save_image
 from chimle.metrics import conditional, diversity, fid, manifold
 from chimle.metrics.image import SSIM_WINDOW, batched, psnr, ssim
 from chimle.perceptual import LPIPS
 from chimle.weights import sha256_file
-
-BASELINES = {"super-resolution": "bicubic", "colourization": "grey input", "decompression": "compressed input"}
-
 
 @dataclass
 class Options:
@@ -73,7 +70,7 @@ class Options:
     fid_resize: str = "tf"  # resize to 299 px before Inception: tf (the TF FID code's) | clean (clean-fid's)
     precision_recall_k: int = manifold.PRECISION_RECALL_K  # neighbours per ball (paper: 3)
     density_coverage_k: int = manifold.DENSITY_COVERAGE_K  # neighbours per ball (paper: 5)
-    consistency_tolerance: float | None = None  # a consistent sample's bound, in the task's unit; None = TOLERANCE
+    consistency_tolerance: float | None = None  # a consistent sample's bound, in the task's unit; None = the task's
     batch: int = 16  # images per network call (bounds memory)
     kid_subset_size: int = fid.KID_SUBSET_SIZE
     kid_subsets: int = fid.KID_SUBSETS
@@ -172,51 +169,22 @@ def items(targets: dict[str, Path], inputs: dict[str, Path] | None, load_input, 
 # Scoring.
 
 
-def consistency(task: tasks.Task, config: Config, outputs: torch.Tensor, given: torch.Tensor | None):
-    """(K,) agreement of each output with the input it came from, or None where the task has no degradation.
-    Colourization: mean |L(output) - L(input)| in Lab L units (0..100, lower is better); others: PSNR in dB
-    between the output degraded as the input was made and the input (higher is better)."""
-    if given is None or task.degrade is None:
-        return None
-    if task.name == "colourization":
-        from chimle.colour import lightness
-
-        return (lightness(outputs) - lightness(given[None])).abs().flatten(1).mean(1)
-    return psnr(task.input_for(outputs, config), given[None].expand(len(outputs), -1, -1, -1))
-
-
-# When a sample counts as consistent with its input: (bound, whether higher agreement is better, why that bound).
-TOLERANCE = {
-    "super-resolution": (45.0, True, "at least 45 dB, the LR-PSNR that the NTIRE 2021 Learning the Super-Resolution "
-                                     "Space challenge set as its goal (Lugmayr et al. 2021; there for the mean over "
-                                     "samples, here for each sample)"),
-    "decompression": (45.0, True, "at least 45 dB, the super-resolution rule (NTIRE 2021) applied to re-encoding"),
-    "colourization": (2.3, False, "at most 2.3 L units, one just-noticeable CIELAB difference (Mahy et al. 1994)"),
-}
-
-
 def tolerance(task: tasks.Task | None, options: Options) -> tuple[float, bool, str] | None:
-    """The consistency rule of a task (with --consistency-tolerance as its bound), or None where the task has no
-    degradation to measure consistency with."""
+    """The consistency rule of a task (its `agreement`, with --consistency-tolerance as its bound): (bound, whether
+    higher is better, why), or None where the task has no degradation to measure consistency with."""
     if options.consistency_tolerance is not None and not math.isfinite(options.consistency_tolerance):
         raise ConfigError(f"--consistency-tolerance must be a finite number, got {options.consistency_tolerance}")
-    if task is None or task.name not in TOLERANCE:
+    if task is None or task.agreement is None:
         return None
-    bound, higher, why = TOLERANCE[task.name]
-    if options.consistency_tolerance is not None:
-        bound = options.consistency_tolerance
-        why = f"{'at least' if higher else 'at most'} {bound} (set by --consistency-tolerance)"
-    return bound, higher, why
+    rule = task.agreement
+    if options.consistency_tolerance is None:
+        return rule.bound, rule.higher, rule.why
+    bound = options.consistency_tolerance
+    return bound, rule.higher, f"{'at least' if rule.higher else 'at most'} {bound} (set by --consistency-tolerance)"
 
 
 def consistency_protocol(task: tasks.Task | None, config: Config | None) -> str | None:
-    if task is None or task.degrade is None:
-        return None
-    if task.name == "colourization":
-        return "mean |L(sample) - L(input)|, Lab L channel in 0..100 (lower is better)"
-    how = {"super-resolution": f"downsampled x{2 ** config.model.levels} (anti-aliased bicubic)",
-           "decompression": f"re-encoded as JPEG (quality {config.data.jpeg_quality}, {config.data.jpeg_subsampling})"}
-    return f"PSNR (dB) between the sample {how.get(task.name, 'degraded again')} and the input (higher is better)"
+    return None if task is None or task.agreement is None else task.agreement.protocol(config)
 
 
 @dataclass
@@ -371,16 +339,6 @@ def _matched(targets: dict[str, Path], folder: str | Path | None) -> dict[str, P
     return {stem: files[stem] for stem in targets}
 
 
-def baseline_output(task: tasks.Task | None, given: torch.Tensor, size) -> torch.Tensor:
-    """The input brought to the output size (1, 3, H, W): bicubic upsampling, or the grey image for colourization."""
-    x = tasks.resize(given[None].float(), tuple(size))
-    if task is not None and task.name == "colourization":
-        from chimle.colour import grey
-
-        x = grey(x)
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-
-
 def input_image(task: tasks.Task | None, config: Config | None, given: torch.Tensor | None) -> torch.Tensor | None:
     """An input as the RGB image (3, h, w) whose Inception features FJD pairs with the outputs: label maps in
     their palette colours, grey inputs repeated over three channels."""
@@ -413,8 +371,8 @@ def evaluate_model(model: str | Path, data: str | Path | None = None, inputs: st
     data = Path(data) if data is not None else builtin_photos("heldout")
     targets = by_stem(data)
     scale = task.output_scale(net.levels)
-    multiple = scale if task.wiring == "super-resolution" else 2 ** (net.levels - 1)
-    baseline = BASELINES.get(task.name, "input") if task.input_kind == "image" else None
+    multiple = scale * task.input_multiple(net.levels)  # target sides: the input's multiple, scaled
+    baseline = task.baseline
     n = options.samples_per_input
     _check_pairs(options, n)
     scorer = Scorer(options, device, tolerance(task, options))
@@ -424,10 +382,10 @@ def evaluate_model(model: str | Path, data: str | Path | None = None, inputs: st
         samples = net.sample(x, n=n, seed=options.seed)
         outputs = [("model", f"model ({n} samples)", samples), ("zero_codes", "all codes zero", net.zero_codes(x))]
         if baseline:
-            outputs.append(("baseline", baseline, baseline_output(task, x, item.target.shape[-2:])))
+            outputs.append(("baseline", baseline, task.baseline_image(x, item.target.shape[-2:])))
         target_features = scorer.add_real(item.target, input_image(task, config, x))
         for key, label, images in outputs:
-            agreement = consistency(task, config, images, x)
+            agreement = task.consistency(images, x, config)
             scorer.add(key, label, item.name, images, item.target, target_features, agreement)
         if options.save_samples:
             save_item(options.save_samples, item, x if task.input_kind == "image" else None, samples)
@@ -461,7 +419,7 @@ def evaluate_samples(samples: str | Path, real: str | Path, inputs: str | Path |
     known_input = given is not None or (entry is not None and entry.degrade is not None)
     baseline = None
     if known_input and (entry is None or entry.input_kind == "image"):
-        baseline = BASELINES.get(entry.name, "input") if entry else "input"
+        baseline = entry.baseline if entry else "input"
     _check_pairs(options, min(len(groups[s]) for s in targets))
     scorer = Scorer(options, _device(options), tolerance(entry, options))
     for item in items(targets, given, load, options, scale, scale, samples={s: groups[s] for s in targets}):
@@ -469,13 +427,14 @@ def evaluate_samples(samples: str | Path, real: str | Path, inputs: str | Path |
         if x is None and entry is not None and entry.degrade is not None:
             x = entry.input_for(item.target[None], config)[0]
         target_features = scorer.add_real(item.target, input_image(entry, config, x))
-        agreement = consistency(entry, config, item.samples, x) if entry is not None else None
+        agreement = entry.consistency(item.samples, x, config) if entry is not None else None
         scorer.add("samples", f"samples ({Path(samples).name})", item.name, item.samples, item.target,
                    target_features, agreement)
         if baseline and x is not None:
-            images = baseline_output(entry, x, item.target.shape[-2:])
+            size = item.target.shape[-2:]
+            images = entry.baseline_image(x, size) if entry is not None else tasks.baseline_image(x, size)
             scorer.add("baseline", baseline, item.name, images, item.target, target_features,
-                       consistency(entry, config, images, x) if entry is not None else None)
+                       entry.consistency(images, x, config) if entry is not None else None)
     unmatched = sorted(set(groups) - set(targets))
     counts = sorted({len(groups[s]) for s in targets})
     protocol = {"mode": "samples", "samples": str(samples), "task": task, "data": str(real),
@@ -508,7 +467,7 @@ def _external_scale(targets, given, entry, scale: int | None) -> int:
         if scale is not None and scale != ratio:
             raise ConfigError(f"--scale {scale} does not match the inputs, which are 1/{ratio} of the real images")
         return ratio
-    if entry is not None and entry.wiring == "super-resolution":
+    if entry is not None and entry.upscales:
         return scale or 16
     return 1
 
@@ -518,7 +477,7 @@ def _external_config(entry, overrides, scale: int) -> Config | None:
     if entry is None:
         return None
     config = resolve(task=entry.name, preset="paper", overrides=overrides)
-    if entry.wiring == "super-resolution":
+    if entry.upscales:
         levels = round(math.log2(scale))
         if scale < 2 or 2**levels != scale:
             raise ConfigError(f"a super-resolution factor of {scale} is not a power of 2")

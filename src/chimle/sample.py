@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from chimle import __version__, devices, tasks
-from chimle.checkpoint import atomic_write, check_folder, load_model
+from chimle import __version__, builtin, devices, tasks
+from chimle.checkpoint import load_model
+from chimle.files import atomic_write, check_folder
 from chimle.config import Config, ConfigError
-from chimle.data import DataError, list_images, load_image, save_image, seeded
+from chimle.data import DataError, list_images, load_image, save_image, seeded, to_uint8
 from chimle.generator import Generator
 from chimle.tasks import TaskError
 from chimle.tiling import Tiling, render_tiled
@@ -117,7 +118,7 @@ class Model:
         rendering (see chimle.tiling)."""
         device = devices.pick(device)
         devices.configure()
-        generator, config = load_model(path, device)
+        generator, config = load_model(builtin.locate(path), device)
         return cls(generator, config, device, Tiling(tile, overlap, tile_stats) if tile else None, path)
 
     @property
@@ -240,7 +241,7 @@ def sources_tag(sources: list[Source]) -> str:
 
 def png_bytes(image: torch.Tensor, info: dict | None = None) -> bytes:
     """A (C, H, W) image in [0, 1] as PNG bytes (8 bits, rounded), `info` as JSON in its text chunk."""
-    array = image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    array = to_uint8(image)
     text = PngImagePlugin.PngInfo()
     if info is not None:
         text.add_text(PROVENANCE_KEY, json.dumps(info, sort_keys=True))
@@ -250,7 +251,7 @@ def png_bytes(image: torch.Tensor, info: dict | None = None) -> bytes:
 
 
 def save_sample(image: torch.Tensor, path: str | Path, info: dict) -> None:
-    """Write a sample as PNG with its provenance, atomically (see chimle.checkpoint.atomic_write)."""
+    """Write a sample as PNG with its provenance, atomically (see chimle.files.atomic_write)."""
     atomic_write(path, png_bytes(image, info))
 
 

@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from chimle.colour import grey, lab_to_rgb, lightness
+from chimle.data import load_image, seeded, to_uint8
+from chimle.labels import load_labels, one_hot, palette_of
+from chimle.metrics.image import psnr
 
 if TYPE_CHECKING:
     from chimle.config import Config
@@ -60,9 +63,8 @@ def jpeg(x: torch.Tensor, quality: int, subsampling: str = "4:2:0") -> torch.Ten
     """Each image of a batch encoded and decoded by Pillow's JPEG (libjpeg-turbo, deterministic)."""
     out = []
     for image in x:
-        array = image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="JPEG", quality=quality, subsampling=subsampling)
+        Image.fromarray(to_uint8(image)).save(buffer, format="JPEG", quality=quality, subsampling=subsampling)
         decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.uint8)
         out.append(torch.from_numpy(decoded.copy()).permute(2, 0, 1).float().div_(255))
     return torch.stack(out).to(x.device)
@@ -101,6 +103,62 @@ def _jpeg_degrade(target: torch.Tensor, config: Config) -> torch.Tensor:
     return jpeg(target, config.data.jpeg_quality, config.data.jpeg_subsampling)
 
 
+# Baselines: a given input -> the image a method that adds nothing would output ---------------------------------
+
+
+def _resized(given: torch.Tensor, size) -> torch.Tensor:
+    return resize(given, size)
+
+
+def _grey_resized(given: torch.Tensor, size) -> torch.Tensor:
+    return grey(resize(given, size))  # a colour input too is reduced to what the model sees: its lightness
+
+
+def baseline_image(given: torch.Tensor, size, to_baseline: Callable = _resized) -> torch.Tensor:
+    """The baseline (1, 3, H, W) of one given input (C, h, w) at output size (H, W) (grey inputs as RGB)."""
+    x = to_baseline(given[None].float(), tuple(size))
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+# Agreement of outputs with the input they came from ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How a sample's agreement with its input is measured, and when a sample counts as consistent with it."""
+
+    measure: Callable  # (task, config, outputs (K, 3, H, W), given input (C, h, w)) -> (K,)
+    protocol: Callable  # (config) -> one line saying how, for reports
+    bound: float  # a consistent sample's agreement is at least (higher) or at most (not higher) this
+    higher: bool  # whether higher agreement is better
+    why: str  # where the bound comes from
+
+
+def _psnr_to_input(task: Task, config: Config, outputs: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    return psnr(task.input_for(outputs, config), given[None].expand(len(outputs), -1, -1, -1))
+
+
+def _lightness_difference(task: Task, config: Config, outputs: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    return (lightness(outputs) - lightness(given[None])).abs().flatten(1).mean(1)
+
+
+def _psnr_protocol(how: Callable) -> Callable:
+    return lambda config: f"PSNR (dB) between the sample {how(config)} and the input (higher is better)"
+
+
+NTIRE = ("the LR-PSNR that the NTIRE 2021 Learning the Super-Resolution Space challenge set as its goal (Lugmayr et "
+         "al. 2021; there for the mean over samples, here for each sample)")
+SR_AGREEMENT = Agreement(_psnr_to_input, _psnr_protocol(
+    lambda config: f"downsampled x{2 ** config.model.levels} (anti-aliased bicubic)"), 45.0, True,
+    f"at least 45 dB, {NTIRE}")
+JPEG_AGREEMENT = Agreement(_psnr_to_input, _psnr_protocol(
+    lambda config: f"re-encoded as JPEG (quality {config.data.jpeg_quality}, {config.data.jpeg_subsampling})"),
+    45.0, True, "at least 45 dB, the super-resolution rule (NTIRE 2021) applied to re-encoding")
+LIGHTNESS_AGREEMENT = Agreement(
+    _lightness_difference, lambda config: "mean |L(sample) - L(input)|, Lab L channel in 0..100 (lower is better)",
+    2.3, False, "at most 2.3 L units, one just-noticeable CIELAB difference (Mahy et al. 1994)")
+
+
 # Input pyramids: a given input -> what the generator's levels take ---------------------------------------------
 
 
@@ -133,6 +191,17 @@ class Task:
     degrade: Callable | None = None  # (target batch, config) -> the input batch a user would give; None: given
     to_image: Callable = tanh_to_unit  # (raw tanh output of a level, that level's input) -> RGB image in [0, 1]
     input_kind: str = "image"  # what the model is given: "image" or "labels" (a label map, see chimle.labels)
+    baseline: str | None = None  # the name of the baseline, the input brought to the output's size; None: none
+    to_baseline: Callable = _resized  # (given input (1, C, h, w), output size) -> the baseline image
+    agreement: Agreement | None = None  # how outputs are checked against their input; None: not measured
+    colour_targets: bool = False  # training targets must be colour images (greyscale files are refused)
+    describe: str = ""  # what a model of the task does, one line for model listings and cards ({scale}: factor)
+    demo_input: Callable | None = None  # (photo (3, H, W), seed) -> the input the demo pairs with it; None: derived
+
+    @property
+    def upscales(self) -> bool:
+        """Whether outputs are larger than inputs (by 2**levels)."""
+        return self.wiring == "super-resolution"
 
     @property
     def derived(self) -> bool:
@@ -144,15 +213,15 @@ class Task:
 
     def image(self, raw: torch.Tensor, inputs: list[torch.Tensor], level: int) -> torch.Tensor:
         """The RGB image in [0, 1] of a level's raw output (colourization needs the level's L input)."""
-        return self.to_image(raw, None if self.wiring == "super-resolution" else inputs[level])
+        return self.to_image(raw, None if self.upscales else inputs[level])
 
     def output_scale(self, levels: int) -> int:
         """How many times larger than the input the final output is."""
-        return 2**levels if self.wiring == "super-resolution" else 1
+        return 2**levels if self.upscales else 1
 
     def input_multiple(self, levels: int) -> int:
         """What an input's sides must be multiples of: the generic towers halve the input levels - 1 times."""
-        return 1 if self.wiring == "super-resolution" else 2 ** (levels - 1)
+        return 1 if self.upscales else 2 ** (levels - 1)
 
     def too_small(self, width: int, height: int, levels: int) -> str | None:
         """Why an input of this size is too small for the tower, or None: its coarsest level (the input, or the
@@ -185,8 +254,6 @@ class Task:
         """One user input (C, H, W) checked for this model: channels, and sides the tower can halve; (H, W)
         integer labels are accepted for layouts and made one-hot."""
         if self.input_kind == "labels" and image.ndim == 2 and not image.is_floating_point():
-            from chimle.labels import one_hot
-
             image = one_hot(image.long(), config.model.in_channels)
         if image.ndim != 3:
             raise TaskError(f"expected one input (C, H, W), got a tensor of shape {tuple(image.shape)}")
@@ -209,24 +276,37 @@ class Task:
     def load_input(self, path, config: Config) -> torch.Tensor:
         """A user's input file as a model takes it: an RGB image, or a one-hot label map."""
         if self.input_kind == "labels":
-            from chimle.labels import load_labels, one_hot, palette_of
-
             palette = palette_of(config)
             return one_hot(load_labels(path, palette), palette.channels)
-        from chimle.data import load_image
-
         return load_image(path)
+
+    def baseline_image(self, given: torch.Tensor, size) -> torch.Tensor:
+        """The baseline (1, 3, H, W) of one given input (C, h, w) at output size (H, W): bicubic upsampling, or
+        the grey image for colourization."""
+        return baseline_image(given, size, self.to_baseline)
+
+    def consistency(self, outputs: torch.Tensor, given: torch.Tensor | None, config: Config) -> torch.Tensor | None:
+        """(K,) agreement of each output (K, 3, H, W) with the input (C, h, w) it came from (see `agreement`), or
+        None where the task measures none or there is no input."""
+        if given is None or self.agreement is None:
+            return None
+        return self.agreement.measure(self, config, outputs, given)
 
     def show_input(self, level_input: torch.Tensor, config: Config) -> torch.Tensor:
         """One example's level input (C, H, W) as an image for grids: label maps in their palette colours."""
         if self.input_kind == "labels":
-            from chimle.labels import palette_of
-
             return palette_of(config).colour_image(level_input.argmax(0).cpu())
         return level_input[:3]
 
 
-TASKS: dict[str, Task] = {
+def night_shot(photo: torch.Tensor, seed: int) -> torch.Tensor:
+    """A synthetic night shot of a (3, H, W) photo: much darker, blue, with sensor noise. The paired demo's input."""
+    dark = photo.pow(2.2) * torch.tensor([0.25, 0.3, 0.5]).view(3, 1, 1)
+    noise = torch.randn(photo.shape, generator=seeded(seed, 7)) * 0.015
+    return (dark + noise).clamp(0, 1)
+
+
+TASKS: dict[str, Task] = {  # in the order of listings (`chimle models`)
     "super-resolution": Task(
         name="super-resolution",
         wiring="super-resolution",
@@ -235,6 +315,9 @@ TASKS: dict[str, Task] = {
         summary="a 2**levels times downsampled image -> the full image (paper: 32 px -> 512 px)",
         make_inputs=_sr_inputs,
         degrade=_sr_degrade,
+        baseline="bicubic",
+        agreement=SR_AGREEMENT,
+        describe="x{scale} super-resolution: an image {scale} times smaller in each direction -> the full image",
     ),
     "colourization": Task(
         name="colourization",
@@ -245,6 +328,11 @@ TASKS: dict[str, Task] = {
         make_inputs=_colour_inputs,
         degrade=_colour_degrade,
         to_image=chroma_to_rgb,
+        baseline="grey image",
+        to_baseline=_grey_resized,
+        agreement=LIGHTNESS_AGREEMENT,
+        colour_targets=True,
+        describe="colourization: a greyscale photo -> colour photos",
     ),
     "decompression": Task(
         name="decompression",
@@ -254,6 +342,20 @@ TASKS: dict[str, Task] = {
         summary="JPEG at a very low quality -> clean image",
         make_inputs=_generic_inputs,
         degrade=_jpeg_degrade,
+        baseline="JPEG",
+        agreement=JPEG_AGREEMENT,
+        describe="JPEG decompression: a JPEG at a very low quality (10) -> clean images",
+    ),
+    "paired": Task(
+        name="paired",
+        wiring="generic",
+        in_channels=3,
+        out_channels=3,
+        summary="any aligned pair of images, e.g. night -> day",
+        make_inputs=_generic_inputs,
+        baseline="input",
+        describe="night -> day: a dark, blue, noisy night shot -> the daylight photo",
+        demo_input=night_shot,
     ),
     "layout": Task(
         name="layout",
@@ -263,14 +365,7 @@ TASKS: dict[str, Task] = {
         summary="semantic label map -> photo",
         make_inputs=_layout_inputs,
         input_kind="labels",
-    ),
-    "paired": Task(
-        name="paired",
-        wiring="generic",
-        in_channels=3,
-        out_channels=3,
-        summary="any aligned pair of images, e.g. night -> day",
-        make_inputs=_generic_inputs,
+        describe="layout synthesis: a label map of the built-in palette -> photos",
     ),
 }
 

@@ -34,11 +34,11 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from chimle import checkpoint, devices, distributed, photoset, tasks
+from chimle import builtin, checkpoint, devices, distributed, photoset, tasks
 from chimle import weights as weights_lib
-from chimle.checkpoint import (MODEL_FILE, CheckpointError, CorruptCheckpointError, atomic_write, check_fits,
-                               check_folder, check_state, crash_point, disk_errors, save_model)
+from chimle.checkpoint import MODEL_FILE, CheckpointError, CorruptCheckpointError, check_fits, check_state, save_model
 from chimle.config import Config, ConfigError, TrainConfig, changed, fixed_changes, from_dict, load_run
+from chimle.files import atomic_write, check_folder, crash_point, disk_errors
 from chimle.data import ImageFolder, PairedFolder, builtin_photos, seeded
 from chimle.adaptive import AdaptiveState, data_point
 from chimle.ema import WeightAverage
@@ -89,7 +89,7 @@ def training_set(config: Config) -> ImageFolder:
                               "target right), or --data TARGETS -o data.inputs=INPUTS (matched by file stem)")
         return PairedFolder(d.path, d.inputs or None, crop, skip_bad=d.skip_bad, shuffle_channels=d.shuffle_channels)
     return ImageFolder(d.path or builtin_photos("train"), crop, skip_bad=d.skip_bad,
-                       shuffle_channels=d.shuffle_channels, colour=task.name == "colourization")
+                       shuffle_channels=d.shuffle_channels, colour=task.colour_targets)
 
 
 def draw_round(config: Config, dataset: ImageFolder, number: int, device: torch.device) -> Round:
@@ -495,7 +495,7 @@ def _starting_weights(init: str | Path | None, config: Config, state: dict | Non
         if world.is_main:
             print(f"--init {init} is ignored: the run continues from its own state {Path(state['file']).name}")
         return None
-    return distributed.share_from_main(lambda: checkpoint.initial_weights(init, config))
+    return distributed.share_from_main(lambda: checkpoint.initial_weights(builtin.locate(init), config, str(init)))
 
 
 def _start_from(run: Run, weights: dict[str, torch.Tensor], source: str | Path) -> None:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from chimle.checkpoint import atomic_write
+from chimle.files import atomic_write
 
 # Bump when a converter's output changes, so `fetch()` rebuilds files made by an older version.
 CONVERTER_VERSION = 1

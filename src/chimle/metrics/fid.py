@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chimle.metrics.inception import INPUT_SIZE, load_inception, preprocess
+from chimle.metrics.inception import INPUT_SIZE, FIDInception, preprocess
 
 MIN_IMAGES_FOR_FID = 2048  # below this many images per set the 2048-d covariance is singular and FID very biased
 KID_SUBSET_SIZE = 1000  # images per KID subset (Bińkowski et al. 2018)
@@ -52,6 +52,15 @@ PROTOCOL = {
                "or with fewer images than dimensions from the singular values of A1 A2^T (centred features)",
     "kid": "unbiased MMD^2, kernel (x.y/2048 + 1)^3, mean and std over random subsets drawn with a fixed seed",
 }
+
+
+def load_inception(path=None, device="cpu") -> FIDInception:
+    """The FID Inception in eval mode with frozen weights, from chimle's weight cache or a given file."""
+    from chimle.weights import load  # lazy: weights.py pulls in the fetch-and-convert machinery
+
+    model = FIDInception()
+    model.load_state_dict(load("inception-fid", path))
+    return model.eval().requires_grad_(False).to(device)
 
 
 class InceptionFeatures:

@@ -13,7 +13,7 @@ which is our reference (see DESIGN.md 2.7). What that graph does, read from its 
 
 Usage:
 
-    model = load_inception(device="cuda")  # weights from chimle.weights' cache
+    model = chimle.metrics.fid.load_inception(device="cuda")  # weights from chimle.weights' cache
     feats = model(preprocess(images))      # images in [0, 1], (N, 3, H, W) -> (N, 2048) float32
     feats = model(preprocess(images, resize="clean"))    # clean-fid's resize instead of TF's
 
@@ -378,12 +378,3 @@ def state_from_pytorch_fid(sd: dict) -> dict[str, torch.Tensor]:
         used |= {key, *bn.values()}
     out.update({k: v for k, v in sd.items() if k not in used})  # leftovers: reported by _check_state
     return _check_state(out, "pytorch-fid state dict")
-
-
-def load_inception(path=None, device="cpu") -> FIDInception:
-    """The FID Inception in eval mode with frozen weights, from chimle's weight cache or a given file."""
-    from chimle.weights import load  # lazy: weights.py pulls in the fetch-and-convert machinery
-
-    model = FIDInception()
-    model.load_state_dict(load("inception-fid", path))
-    return model.eval().requires_grad_(False).to(device)
