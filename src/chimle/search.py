@@ -137,6 +137,24 @@ class _Pools:
             self.cache[example] = pool(int(self.seeds[example]), self.level, self.size, self.code_size)
         return self.cache[example][start:end]
 
+    def codes(self, run, device) -> torch.Tensor:
+        """The codes of a run's candidates, in the run's order, on `device`."""
+        return torch.cat([self.rows(ex, start, end) for ex, start, end in run]).to(device)
+
+
+def _spans(run):
+    """(example, start, end, rows) for each part of a run: candidates start..end of the example's pool, at `rows`
+    of the run's renders."""
+    offset = 0
+    for ex, start, end in run:
+        yield ex, start, end, slice(offset, offset + end - start)
+        offset += end - start
+
+
+def _examples_of(run) -> torch.Tensor:
+    """The example of each of a run's renders."""
+    return torch.cat([torch.full((end - start,), ex, dtype=torch.long) for ex, start, end in run])
+
 
 def hierarchical_search(
     generator: Generator,
@@ -234,13 +252,11 @@ def _search_level(generator, distance, task, targets, seeds, prefix, size, max_b
     scores = torch.empty(count, size)
     for run in _chunks(count, size, max_batch):
         with record_function("search.draw_codes"):
-            codes = torch.cat([pools.rows(ex, start, end) for ex, start, end in run]).to(device)
+            codes = pools.codes(run, device)
         run_scores = _score(generator, distance, task, _candidates_prefix(prefix, run, device), codes,
                             target_features, run)
-        offset = 0
-        for ex, start, end in run:
-            scores[ex, start:end] = run_scores[offset : offset + end - start]
-            offset += end - start
+        for ex, start, end, rows in _spans(run):
+            scores[ex, start:end] = run_scores[rows]
     if not torch.isfinite(scores).all():
         raise FloatingPointError(f"code search: non-finite LPIPS distances at level {level}; the model has diverged")
     with torch.autocast(device.type, enabled=False):  # below, float32 whatever the candidates were rendered in
@@ -287,8 +303,7 @@ def _candidates_prefix(prefix: Prefix, run, device) -> Prefix:
         if len(run) == 1:
             ex, start, end = run[0]
             return prefix.map(lambda t: t[ex : ex + 1].expand(end - start, *t.shape[1:]))
-        index = torch.cat([torch.full((end - start,), ex, dtype=torch.long) for ex, start, end in run])
-        return prefix.index(index.to(device))
+        return prefix.index(_examples_of(run).to(device))
 
 
 def _features(distance: Distance | LPIPS, images: torch.Tensor) -> list[torch.Tensor]:
@@ -306,11 +321,8 @@ def _score(generator: Generator, distance: Distance | LPIPS, task: Task, prefix:
     with record_function("search.candidate_features"):
         features = _features(distance, task.image(raw, prefix.inputs, level))
     with record_function("search.distance"), torch.autocast(codes.device.type, enabled=False):
-        scores, offset = [], 0
-        for ex, start, end in run:
-            rows = slice(offset, offset + end - start)
-            offset += end - start
-            scores.append(distance.distance([f[rows] for f in features], [t[ex : ex + 1] for t in target_features]))
+        scores = [distance.distance([f[rows] for f in features], [t[ex : ex + 1] for t in target_features])
+                  for ex, _, _, rows in _spans(run)]
         return torch.cat(scores).cpu()
 
 
@@ -345,17 +357,13 @@ def _flat_group(generator, distance, task, inputs, targets, seeds, pool_size, ma
     pools = [_Pools(seeds, level, pool_size, code_sizes[level]) for level in range(levels)]
     scores = torch.empty(count, pool_size)
     for run in _chunks(count, pool_size, max_batch):
-        examples = torch.cat([torch.full((end - start,), ex, dtype=torch.long) for ex, start, end in run]).to(device)
+        examples = _examples_of(run).to(device)
         prefix = generator.start([x[examples] for x in inputs])
         for level in range(levels - 1):
-            codes = torch.cat([pools[level].rows(ex, start, end) for ex, start, end in run]).to(device)
-            _, prefix = generator.render_level(prefix, codes)
-        codes = torch.cat([pools[-1].rows(ex, start, end) for ex, start, end in run]).to(device)
-        scores_run = _score(generator, distance, task, prefix, codes, target_features, run)
-        offset = 0
-        for ex, start, end in run:
-            scores[ex, start:end] = scores_run[offset : offset + end - start]
-            offset += end - start
+            _, prefix = generator.render_level(prefix, pools[level].codes(run, device))
+        run_scores = _score(generator, distance, task, prefix, pools[-1].codes(run, device), target_features, run)
+        for ex, start, end, rows in _spans(run):
+            scores[ex, start:end] = run_scores[rows]
     scores = reject(scores, threshold)
     best = scores.argmin(dim=1)
     distances = torch.zeros(count, levels)
