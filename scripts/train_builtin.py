@@ -51,7 +51,7 @@ from chimle import __version__, builtin, demo, photoset, tasks  # noqa: E402
 from chimle import train as training  # noqa: E402
 from chimle.checkpoint import atomic_write, load_model, save_model  # noqa: E402
 from chimle.config import Config, load_run, resolve, user_settings  # noqa: E402
-from chimle.data import list_images, load_image, save_image  # noqa: E402
+from chimle.data import list_images  # noqa: E402
 from chimle.generator import Generator, count_parameters, initialise  # noqa: E402
 from chimle.metrics.diversity import pairwise_lpips  # noqa: E402
 from chimle.perceptual import LPIPS, Distance  # noqa: E402

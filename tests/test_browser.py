@@ -22,7 +22,8 @@ from chimle.cli import main
 from chimle.data import builtin_photos, center_crop, list_images, load_image
 from chimle.generator import Generator
 from chimle.sample import Model, png_bytes, read_provenance
-from chimle.serve import App, Server
+from chimle.serve import Server
+from chimle.session import App
 from chimle.tasks import downsample
 from conftest import randomize, tiny_config
 

@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from chimle import distributed
-from chimle.checkpoint import CRASH_VARIABLE, CheckpointError, load_state
+from chimle.checkpoint import CheckpointError, load_state
+from chimle.files import CRASH_VARIABLE
 from chimle.config import ConfigError
 from chimle.distributed import World
 from chimle.generator import Generator

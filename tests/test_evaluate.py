@@ -11,7 +11,7 @@ from chimle import tasks
 from chimle.checkpoint import save_model
 from chimle.cli import main
 from chimle.data import DataError, builtin_photos, list_images, load_image
-from chimle.evaluate import Options, Scorer, crop_boxes, evaluate_samples, samples_by_stem, scores
+from chimle.evaluate import Options, Scorer, crop_boxes, evaluate_samples, samples_by_stem
 from chimle.generator import Generator
 from chimle.metrics import manifold
 from chimle.metrics.plot import per_input_points

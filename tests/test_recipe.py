@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from chimle.adaptive import AdaptiveState, data_point
 from chimle.blocks import WNConv2d
-from chimle.checkpoint import CRASH_VARIABLE, load_state
+from chimle.checkpoint import load_state
+from chimle.files import CRASH_VARIABLE
 from chimle.config import ConfigError
 from chimle.ema import WeightAverage
 from chimle.generator import Generator, initialise

@@ -50,7 +50,7 @@ def run_killed(out: Path, crash_at: str, resume: bool) -> None:
     command = [sys.executable, "-m", "chimle", "train", "--preset", "tiny", "--out", str(out),
                *[f"-o{s}" for s in SETTINGS], *(["--resume"] if resume else [])]
     # Same thread count as this process, so the float arithmetic matches bit for bit.
-    env = {**os.environ, checkpoint.CRASH_VARIABLE: crash_at, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = {**os.environ, files.CRASH_VARIABLE: crash_at, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, f"not killed at {crash_at}:\n{result.stderr[-3000:]}"
     assert "done:" not in (out / "log.txt").read_text()

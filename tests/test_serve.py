@@ -15,7 +15,8 @@ from chimle.checkpoint import save_model
 from chimle.cli import build_parser
 from chimle.generator import Generator
 from chimle.sample import Model, png_bytes
-from chimle.serve import App, Limits, Server, clean_name, fitting_size, model_names
+from chimle.serve import Server, clean_name, model_names
+from chimle.session import App, Limits, fitting_size
 import live
 from conftest import randomize, tiny_config
 

@@ -28,7 +28,7 @@ from safetensors.torch import save as safetensors_bytes
 from chimle import __version__
 from chimle import tasks
 from chimle.config import Config, ConfigError, from_dict, validate
-from chimle.files import CRASH_VARIABLE, CheckpointError, atomic_write, crash_point, disk_errors  # noqa: F401
+from chimle.files import CheckpointError, atomic_write
 from chimle.generator import Generator
 
 FORMAT = "chimle-generator/1"

@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from chimle.blocks import MappingNetwork, StyleBlock, Upsample, WNConv2d, leaky
