@@ -28,7 +28,8 @@ from PIL import Image, UnidentifiedImageError
 from chimle.checkpoint import CheckpointError
 from chimle.config import ConfigError
 from chimle.data import DataError, builtin_photos, center_crop, list_images, load_image, read_image
-from chimle.sample import Model, format_sources, kept_levels, parse_sources, png_bytes, provenance, sources_tag, variations
+from chimle.sample import (Model, format_sources, kept_levels, parse_sources, png_bytes, provenance, sources_tag,
+                           variations)
 from chimle.tasks import TaskError, downsample
 
 USER_ERRORS = (DataError, TaskError, ConfigError, CheckpointError)
