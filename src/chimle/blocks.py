@@ -7,12 +7,32 @@ is followed by an adaptive instance norm driven by the level's style vector.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 NEGATIVE_SLOPE = 0.2  # LeakyReLU slope everywhere in the generator (paper: 0.2)
 RESIDUAL_SCALE = 0.2  # scale of the residual branch in RDB and RRDB (ESRGAN's 0.2)
+INSTANCE_NORM_EPS = 1e-5  # F.instance_norm's
+
+# What the style blocks' instance norms do instead of normalising each image by its own statistics, if set.
+_normalise: ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = ContextVar("chimle_normalise", default=None)
+
+
+@contextmanager
+def instance_norm_statistics(normalise: Callable[[torch.Tensor], torch.Tensor]):
+    """Within the block (in this thread), every instance norm of the style blocks calls `normalise(x)`, in the
+    order the tower runs them, instead of using x's own mean and variance per image and channel. chimle.tiling
+    uses it to give a tile the statistics of the whole image."""
+    token = _normalise.set(normalise)
+    try:
+        yield
+    finally:
+        _normalise.reset(token)
 
 
 def leaky(x: torch.Tensor) -> torch.Tensor:
@@ -105,10 +125,11 @@ class StyleBlock(nn.Module):
 
 
 def _instance_norm(x: torch.Tensor) -> torch.Tensor:
-    """F.instance_norm (no affine), in the memory layout of `x`: PyTorch returns the default layout, which would
-    turn a channels-last tower (chimle.search.channels_last) back to NCHW after the first style block and make
-    every later convolution and concatenation convert its input."""
-    y = F.instance_norm(x)
+    """F.instance_norm (no affine; or what `instance_norm_statistics` set), in the memory layout of `x`: PyTorch
+    returns the default layout, which would turn a channels-last tower (chimle.search.channels_last) back to NCHW
+    after the first style block and make every later convolution and concatenation convert its input."""
+    normalise = _normalise.get()
+    y = F.instance_norm(x, eps=INSTANCE_NORM_EPS) if normalise is None else normalise(x)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         y = y.contiguous(memory_format=torch.channels_last)
     return y

@@ -54,15 +54,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
+from chimle.blocks import INSTANCE_NORM_EPS, instance_norm_statistics
 from chimle.config import ConfigError
 from chimle.generator import Generator
 from chimle.tasks import Task, TaskError
 
 STATS = ("image", "tile")
-EPS = 1e-5  # F.instance_norm's epsilon
 
 
 @dataclass(frozen=True)
@@ -142,23 +140,20 @@ class _Collected(Exception):
     """Raised to stop a tile's render once the instance norm being measured has been reached."""
 
 
-class _ImageStatistics(TorchFunctionMode):
-    """Instance norm with whole-image statistics: the first len(stats) calls use them; the next one adds its
-    sums over the tile's own region to `sums` and stops the render (raises _Collected)."""
+class _ImageStatistics:
+    """Instance norm with whole-image statistics (see chimle.blocks.instance_norm_statistics): the first
+    len(stats) calls use them; the next one adds its sums over the tile's own region to `sums` and stops the
+    render (raises _Collected)."""
 
     def __init__(self, stats: list[tuple[torch.Tensor, torch.Tensor]], tile: _Tile, sums: list):
-        super().__init__()
         self.stats, self.tile, self.sums, self.calls = stats, tile, sums, 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.instance_norm:
-            return func(*args, **kwargs)
-        x, call = args[0], self.calls
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        call = self.calls
         self.calls += 1
         if call < len(self.stats):
             mean, var = self.stats[call]
-            return (x - mean) * torch.rsqrt(var + EPS)
+            return (x - mean) * torch.rsqrt(var + INSTANCE_NORM_EPS)
         part = self.tile.own(x).double()
         sums = torch.stack([part.sum((2, 3)), part.pow(2).sum((2, 3))])
         count = part.shape[-2] * part.shape[-1]
@@ -211,7 +206,8 @@ def render_tiled(generator: Generator, task: Task, inputs: list[torch.Tensor], c
         out = weight = None
         for tile in tiles:
             try:
-                with _ImageStatistics(stats, tile, sums) if tiling.stats == "image" else contextlib.nullcontext():
+                with (instance_norm_statistics(_ImageStatistics(stats, tile, sums)) if tiling.stats == "image"
+                      else contextlib.nullcontext()):
                     image = render(tile)
             except _Collected:
                 continue
