@@ -37,7 +37,8 @@ from chimle.metrics.diversity import pairwise_lpips
 from chimle.metrics.image import psnr
 from chimle.perceptual import LPIPS
 from chimle.sample import Model, image_grid
-from chimle.train import RunFiles, train
+from chimle.run import RunFiles
+from chimle.train import train
 
 SAMPLES = 8
 TILE = 128  # held-out tile side, px

@@ -13,16 +13,11 @@ is 400 examples, 10,000 steps at batch 1, 20 passes over the data.
 Every example, candidate pool and batch is a function of (seed, its number), so a run resumed from any
 checkpoint reaches the same weights as an uninterrupted one. Under torchrun each process searches the codes of
 its share of a round and takes its share of every step's batch, and rank 0 alone writes files (see
-chimle.distributed). The run directory holds:
-    config.yaml        the resolved config
-    model.safetensors  the latest weights with the config (for `chimle sample`; with `train.ema`, their average)
-    state-*.pt         resumable state (weights, their average, optimizer, position, the round's search result)
-    log.txt, metrics.jsonl, grids/step-*.png
+chimle.distributed). What the run directory holds, and its reading and writing: chimle.run.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -31,20 +26,20 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from chimle import builtin, checkpoint, devices, distributed, photoset, tasks
 from chimle import weights as weights_lib
-from chimle.checkpoint import MODEL_FILE, CheckpointError, CorruptCheckpointError, check_fits, check_state, save_model
-from chimle.config import Config, ConfigError, TrainConfig, changed, fixed_changes, from_dict, load_run
-from chimle.files import atomic_write, check_folder, crash_point, disk_errors
+from chimle.checkpoint import CheckpointError, check_fits, check_state
+from chimle.config import Config, ConfigError, TrainConfig
+from chimle.files import crash_point
 from chimle.data import ImageFolder, PairedFolder, builtin_photos, seeded
 from chimle.adaptive import AdaptiveState, data_point
 from chimle.ema import WeightAverage
 from chimle.generator import Generator, initialise
 from chimle.perceptual import LPIPS, Distance
 from chimle.distributed import World
+from chimle.run import RunFiles
 from chimle.search import SearchResult, codes_from, fixed_weights, flat_search, hierarchical_search, per_level
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before training stops
@@ -248,145 +243,11 @@ def make_optimizer(config: Config, generator: Generator, implementation: str = "
     return torch.optim.Adam(groups, betas=(t.beta1, t.beta2), **ADAM[implementation])
 
 
-class RunFiles:
-    """The run directory: config, model, resumable states, logs. Only the writer (rank 0) touches it; for the
-    other processes of a run the writing methods do nothing."""
-
-    def __init__(self, out: str | Path, writer: bool = True):
-        self.dir = Path(out)
-        self.grids = self.dir / "grids"
-        self.writer = writer
-
-    def states(self) -> list[Path]:
-        return sorted(self.dir.glob("state-*.pt"))
-
-    def save_state(self, state: dict, step: int, keep: int) -> None:
-        """Write the state of `step`; then, with it safely on disk, delete all but the newest `keep`."""
-        if not self.writer:
-            return
-        path = self.dir / f"state-{step:09d}.pt"
-        checkpoint.save_state(path, state)
-        for old in self.states()[:-keep]:
-            if old != path:
-                old.unlink(missing_ok=True)
-
-    def latest_state(self) -> dict | None:
-        """The newest state that loads and matches its checksum; None if the run has not saved one yet. Only a
-        damaged state (truncated, or not matching its checksum) is passed over for the one before it, with a
-        warning that names both; any other failure to read one (an I/O error, a foreign file) is an error."""
-        broken = []
-        for path in reversed(self.states()):
-            try:
-                state = checkpoint.load_state(path)
-            except CorruptCheckpointError as error:
-                warnings.warn(f"{error}; trying an older state", stacklevel=2)
-                self.log(f"skipped {error}")
-                broken.append(str(error))
-                continue
-            if broken:
-                note = (f"resuming from the older state {path.name} (step {state['step']}): the {len(broken)} newer "
-                        "one(s) are damaged")
-                warnings.warn(note, stacklevel=2)
-                self.log(note)
-            state["file"] = str(path)
-            return state
-        if broken:
-            raise CheckpointError("no usable training state:\n  " + "\n  ".join(broken) +
-                                  "\nremove these files to restart the run from its beginning")
-        return None
-
-    def remove_partial_writes(self) -> None:
-        """Delete the temporary files of writes a killed process did not finish."""
-        for tmp in self.dir.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-            self.log(f"removed {tmp.name}, a write the previous process did not finish")
-
-    def save_model(self, generator: Generator, config: Config) -> None:
-        if self.writer:
-            save_model(self.dir / MODEL_FILE, generator, config)
-
-    def grid(self, config: Config, generator: Generator, batch: Round, step: int) -> None:
-        if self.writer:
-            path = self.grids / f"step-{step:09d}.png"
-            with disk_errors(path):
-                write_grid(config, generator, batch, path)
-
-    def log(self, line: str) -> None:
-        self._append("log.txt", line + "\n")
-
-    def metrics(self, record: dict) -> None:
-        self._append("metrics.jsonl", json.dumps(record) + "\n")
-
-    def _append(self, name: str, text: str) -> None:
-        if self.writer:
-            with disk_errors(self.dir / name), open(self.dir / name, "a") as f:
-                f.write(text)
-
-
 def _search_state(result: SearchResult | None) -> dict | None:
     if result is None:
         return None
     return {"seeds": result.seeds, "winners": result.winners, "pool_sizes": list(result.pool_sizes),
             "distances": result.distances}
-
-
-def _prepare_run(config: Config | None, files: RunFiles, resume: bool,
-                 settings: dict | None = None) -> tuple[Config, dict | None]:
-    """Check that a new run does not overwrite another, or reopen a run to resume it: its config.yaml (as its user
-    may have edited it) with `settings` applied, coerced and validated like a fresh run's; a change that cannot
-    apply to the trained weights is refused by name, and an applied one is written to config.yaml."""
-    saved = files.dir / "config.yaml"
-    if resume:
-        if not saved.is_file():
-            raise CheckpointError(f"nothing to resume in {files.dir}: it has no config.yaml")
-        as_saved = load_run(saved)
-        run_config = load_run(saved, settings) if settings else as_saved
-        files.remove_partial_writes()
-        state = files.latest_state()
-        if state is not None:
-            _check_resumable(state, as_saved, run_config, saved)
-        if run_config != as_saved:
-            _check_effective(as_saved, run_config)
-            atomic_write(saved, run_config.to_yaml().encode())
-            files.log("changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}"
-                                                         for k, (a, b) in changed(as_saved, run_config).items()))
-        elif config is not None and not settings and config != run_config:
-            print(f"resuming with the run's own settings from {saved}")
-        return run_config, state
-    check_folder(files.dir)
-    if saved.exists() or files.states():
-        raise CheckpointError(f"{files.dir} already holds a run; give --resume to continue it or choose another --out")
-    return config, None
-
-
-def _check_resumable(state: dict, as_saved: Config, config: Config, saved: Path) -> None:
-    """Refuse settings that differ from those the state was trained with where a run cannot change them: in
-    config.yaml (edited, or the state is another run's), or on the command line."""
-    try:
-        trained = from_dict(yaml.safe_load(state["config"]))
-    except (ConfigError, KeyError, TypeError, yaml.YAMLError) as error:
-        raise CheckpointError(f"{state['file']} holds an unusable config: {error}") from None
-    name = Path(state["file"]).name
-    in_file = fixed_changes(trained, as_saved)
-    if in_file:
-        was = ", ".join(f"{key}={a!r}" for key, (a, _) in in_file.items())
-        now = ", ".join(f"{key}={b!r}" for key, (_, b) in in_file.items())
-        raise ConfigError(f"{name} was trained with {was}, but {saved} has {now}; a resumed run cannot change these. "
-                          f"Undo that edit of {saved.name} (or start a new run with another --out); if {name} belongs "
-                          "to another run, move it out of the run directory")
-    given = fixed_changes(trained, config)
-    if given:
-        changes = ", ".join(f"{key} {a!r} -> {b!r}" for key, (a, b) in given.items())
-        raise ConfigError(f"the command line changes {changes}, which a resumed run cannot change ({name} was trained "
-                          "with the former): leave that out, or start a new run with another --out")
-
-
-def _check_effective(old: Config, new: Config) -> None:
-    """Refuse a change of train.passes that would not change the run (train.rounds fixes the number of rounds)."""
-    if new.train.passes != old.train.passes and new.train.rounds and new.train.rounds == old.train.rounds:
-        raise ConfigError(f"train.passes={new.train.passes} has no effect while train.rounds={new.train.rounds} sets "
-                          "the number of rounds: give -o train.rounds=N to train to N rounds (or -o train.rounds=0 to "
-                          "count passes)")
 
 
 @dataclass
@@ -429,7 +290,7 @@ def train(config: Config | None, out: str | Path, resume: bool = False, device: 
     # Set up the processes and the run directory (rank 0 reads it and tells the others).
     world, device = distributed.init(device)
     files = RunFiles(out, writer=world.is_main)
-    config, state = distributed.share_from_main(lambda: _prepare_run(config, files, resume, settings))
+    config, state = distributed.share_from_main(lambda: files.open(config, resume, settings))
     _check_world(config, world)
     start = _starting_weights(init, config, state, world)
     t = config.train
@@ -438,10 +299,8 @@ def train(config: Config | None, out: str | Path, resume: bool = False, device: 
     # Load data.
     dataset = training_set(config)
     folder = dataset.files[0].parent
-    if state is None and not resume and world.is_main:  # only now: bad data leaves no half-made run behind
-        with disk_errors(files.dir):
-            files.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(files.dir / "config.yaml", lambda tmp: tmp.write_text(config.to_yaml()))
+    if state is None and not resume:  # only now: bad data leaves no half-made run behind
+        files.create(config)
 
     # Construct networks, or restore them.
     torch.manual_seed(t.seed)
@@ -476,7 +335,7 @@ def train(config: Config | None, out: str | Path, resume: bool = False, device: 
     files.save_model(run.sampler, config)
     files.log(f"done: {step} steps")
     distributed.cleanup()
-    return files.dir / MODEL_FILE
+    return files.model_file
 
 
 def _check_world(config: Config, world: World) -> None:
@@ -572,14 +431,14 @@ def _train_round(run: Run, batch: Round, search: SearchResult, step: int) -> int
             run.files.log(f"step {step:7d}  round {batch.number}  loss {losses.sum().item():.4f}  "
                           f"levels {' '.join(f'{v:.3f}' for v in losses.tolist())}  {rate:.2f} steps/s")
         if step % t.grid_every == 0 or step == run.total_steps:
-            run.files.grid(config, run.sampler, batch, step)
+            run.files.grid(step, lambda path: write_grid(config, run.sampler, batch, path))
         finished = in_round + 1 == t.steps_per_round
         if step % t.checkpoint_every == 0 or finished:
             distributed.check_same(generator)  # rank 0's file stands for every rank's weights
             run.files.save_state(_state(run, step, None if finished else search), step, t.keep_checkpoints)
             run.files.save_model(run.sampler, config)
             if run.on_save is not None:
-                run.on_save(step, run.files.dir / MODEL_FILE)
+                run.on_save(step, run.files.model_file)
     return step
 
 
