@@ -50,7 +50,7 @@ from chimle import tasks, train as training  # noqa: E402
 from chimle.data import center_crop, list_images, load_image  # noqa: E402
 from chimle.generator import Generator, initialise  # noqa: E402
 from chimle.metrics import fid as fid_lib, manifold  # noqa: E402
-from chimle.metrics.diversity import pairwise_lpips  # noqa: E402
+from chimle.evaluate import score_input  # noqa: E402
 from chimle.perceptual import LPIPS, Distance  # noqa: E402
 from chimle.search import codes_from  # noqa: E402
 
@@ -100,6 +100,12 @@ TARGETS = {"super-resolution": 0.90, "colourization": 0.90, "decompression": 0.8
 QUICK = dict(budget=0.4, seeds=[0], photos=4, configs=["small (before)", "+ EMA 0.995", "+ crop 64"])
 
 
+def tile_row(numbers: dict) -> dict:
+    """The numbers of one tile this report keeps (chimle.evaluate.score_input's, under this report's names)."""
+    return {"best": numbers["best_lpips"], "mean": numbers["mean_lpips"], "baseline": numbers["baseline_lpips"],
+            "diversity": numbers["diversity"], "consistency": numbers["consistency"]}
+
+
 # Held-out data -------------------------------------------------------------------------------------------
 
 
@@ -134,24 +140,15 @@ def score(model_file: Path, sets: dict, full: bool, lpips: LPIPS, inception=None
     from chimle.sample import Model
 
     model = Model.load(model_file, device="cpu")
-    task, config = model.task, model.config
     out = {}
     for set_name, tiles in sets.items():
         rows, real, fake = [], [], []
         for name, given, target in tiles:
-            samples = model.sample(given, n=SAMPLES, seed=0)
-            base = task.baseline_image(given, target.shape[-2:])
-            target_features = lpips.features(target[None])
-            features = lpips.features(samples)
-            distances = lpips.distance(features, target_features)
-            agreement = task.consistency(samples, given, config)
-            rows.append({"best": distances.min().item(), "mean": distances.mean().item(),
-                         "baseline": lpips(base, target[None]).item(),
-                         "diversity": pairwise_lpips(lpips, features).mean().item(),
-                         "consistency": None if agreement is None else agreement.mean().item()})
+            scored = score_input(model, given, target, lpips, n=SAMPLES, seed=0)
+            rows.append(tile_row(scored.numbers))
             if full:
                 real.append(inception(target[None]))
-                fake.append(inception(samples[:KID_SAMPLES]))
+                fake.append(inception(scored.samples[:KID_SAMPLES]))
         mean = {k: (float(np.mean([r[k] for r in rows])) if rows[0][k] is not None else None) for k in rows[0]}
         summary = {**mean, "ratio_best": mean["best"] / mean["baseline"], "ratio_mean": mean["mean"] / mean["baseline"],
                    "tiles": len(rows)}

@@ -53,7 +53,7 @@ from chimle.checkpoint import atomic_write, load_model, save_model  # noqa: E402
 from chimle.config import Config, load_run, resolve, user_settings  # noqa: E402
 from chimle.data import list_images  # noqa: E402
 from chimle.generator import Generator, count_parameters, initialise  # noqa: E402
-from chimle.metrics.diversity import pairwise_lpips  # noqa: E402
+from chimle.evaluate import score_input  # noqa: E402
 from chimle.perceptual import LPIPS, Distance  # noqa: E402
 from chimle.sample import Model, image_grid  # noqa: E402
 from chimle.search import codes_from  # noqa: E402
@@ -202,20 +202,10 @@ def score(model_file: Path, sets: dict, lpips: LPIPS) -> dict:
     (ratio of the means; none for layouts, which have no baseline), diversity and consistency with the input (the
     numbers of benchmarks/quality.py's `score`)."""
     model = Model.load(model_file, device="cpu")
-    task, config = model.task, model.config
     out = {}
     for set_name, tiles in sets.items():
-        rows = []
-        for _, given, target in tiles:
-            samples = model.sample(given, n=SAMPLES, seed=0)
-            features = lpips.features(samples)
-            distances = lpips.distance(features, lpips.features(target[None]))
-            agreement = task.consistency(samples, given, config)
-            base = task.baseline_image(given, target.shape[-2:]) if task.input_kind == "image" else None
-            rows.append({"best": distances.min().item(), "mean": distances.mean().item(),
-                         "baseline": None if base is None else lpips(base, target[None]).item(),
-                         "diversity": pairwise_lpips(lpips, features).mean().item(),
-                         "consistency": None if agreement is None else agreement.mean().item()})
+        rows = [quality.tile_row(score_input(model, given, target, lpips, n=SAMPLES, seed=0).numbers)
+                for _, given, target in tiles]
         mean = {k: None if rows[0][k] is None else sum(r[k] for r in rows) / len(rows) for k in rows[0]}
         ratios = {f"ratio_{k}": None if mean["baseline"] is None else mean[k] / mean["baseline"] for k in ("best", "mean")}
         out[set_name] = {**mean, **ratios, "tiles": len(rows)}

@@ -33,8 +33,7 @@ from chimle import builtin, tasks, weights
 from chimle.files import atomic_write, check_folder
 from chimle.config import resolve
 from chimle.data import builtin_photos, center_crop, list_images, load_image, save_image
-from chimle.metrics.diversity import pairwise_lpips
-from chimle.metrics.image import psnr
+from chimle.evaluate import score_input
 from chimle.perceptual import LPIPS
 from chimle.sample import Model, image_grid
 from chimle.run import RunFiles
@@ -84,30 +83,22 @@ def heldout(task: tasks.Task, model: Model, size: int) -> list[tuple[str, torch.
 
 
 def evaluate(model: Model, grids: Path, size: int) -> dict:
-    """Samples, the baseline and metrics for every held-out tile; a grid per tile into `grids`."""
+    """Samples, the baseline and metrics for every held-out tile (chimle.evaluate.score_input); a grid per tile
+    into `grids`."""
     lpips = LPIPS("vgg")
     task = model.task
     baseline = task.baseline
     rows = {}
     for name, given, target in heldout(task, model, size):
-        samples = model.sample(given, n=SAMPLES, seed=0)
-        shown = task.show_input(given, model.config)
-        row = {}
-        with torch.no_grad():
-            features, target_features = lpips.features(samples), lpips.features(target[None])
-            ours_lpips = lpips.distance(features, target_features)
-            diversity = pairwise_lpips(lpips, features).mean()
-            ours_psnr = psnr(samples, target[None])
-            grid = [shown, *samples, target]
-            if baseline:
-                base = task.baseline_image(given, target.shape[-2:])
-                row = {"baseline_lpips": lpips(base, target[None]).item(), "baseline_psnr": psnr(base, target[None]).item()}
-                grid.insert(1, base[0])
-        image_grid([grid], grids / f"{name}_grid.png")
+        scored = score_input(model, given, target, lpips, n=SAMPLES, seed=0)
+        base = [] if scored.baseline is None else [scored.baseline[0]]
+        image_grid([[task.show_input(given, model.config), *base, *scored.samples, target]], grids / f"{name}_grid.png")
+        m = scored.numbers
         rows[name] = {
-            "ours_best_lpips": ours_lpips.min().item(), "ours_mean_lpips": ours_lpips.mean().item(),
-            "ours_best_psnr": ours_psnr.max().item(), "ours_mean_psnr": ours_psnr.mean().item(),
-            **row, "ours_diversity_lpips": diversity.item(),
+            "ours_best_lpips": m["best_lpips"], "ours_mean_lpips": m["mean_lpips"],
+            "ours_best_psnr": m["best_psnr"], "ours_mean_psnr": m["mean_psnr"],
+            **({"baseline_lpips": m["baseline_lpips"], "baseline_psnr": m["baseline_psnr"]} if base else {}),
+            "ours_diversity_lpips": m["diversity"],
         }
     keys = next(iter(rows.values())).keys()
     mean = {k: sum(r[k] for r in rows.values()) / len(rows) for k in keys}

@@ -348,6 +348,38 @@ def input_image(task: tasks.Task | None, config: Config | None, given: torch.Ten
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
+@dataclass
+class Scored:
+    """One held-out input scored (see `score_input`)."""
+
+    samples: torch.Tensor  # (n, 3, H, W)
+    baseline: torch.Tensor | None  # (1, 3, H, W), None where the task has none
+    numbers: dict  # best_lpips, mean_lpips, best_psnr, mean_psnr, diversity, consistency, baseline_lpips/_psnr
+
+
+@torch.no_grad()
+def score_input(model, given: torch.Tensor, target: torch.Tensor, lpips: LPIPS, n: int = 8, seed: int = 0) -> Scored:
+    """n samples (seed, 0..n-1) of a model (a chimle.sample.Model) for one input, scored against its ground truth
+    (3, H, W): best-of-n and mean LPIPS and PSNR, diversity (the mean LPIPS between two samples), the mean
+    consistency with the input (None where the task measures none), and the baseline's LPIPS and PSNR (None where
+    the task has no baseline). The numbers of `chimle demo`, benchmarks/quality.py and the built-in models' cards."""
+    task = model.task
+    samples = model.sample(given, n=n, seed=seed)
+    features = lpips.features(samples)
+    distances = lpips.distance(features, lpips.features(target[None]))
+    fidelity = psnr(samples, target[None])
+    agreement = task.consistency(samples, given, model.config)
+    base = task.baseline_image(given, target.shape[-2:]) if task.baseline else None
+    return Scored(samples, base, {
+        "best_lpips": distances.min().item(), "mean_lpips": distances.mean().item(),
+        "best_psnr": fidelity.max().item(), "mean_psnr": fidelity.mean().item(),
+        "diversity": diversity.pairwise_lpips(lpips, features).mean().item(),
+        "consistency": None if agreement is None else agreement.mean().item(),
+        "baseline_lpips": None if base is None else lpips(base, target[None]).item(),
+        "baseline_psnr": None if base is None else psnr(base, target[None]).item(),
+    })
+
+
 def _check_pairs(options: Options, samples_per_input: int) -> None:
     """--diversity-pairs N needs N + 1 samples per input (the pairs chain samples 0..N)."""
     if options.diversity_pairs and options.diversity_pairs >= samples_per_input:
