@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import speed  # noqa: E402
+import timing  # noqa: E402
 
 from chimle.search import fixed_weights, hierarchical_search  # noqa: E402
 
@@ -50,20 +51,20 @@ def lpips_macs(lpips: torch.nn.Module, side: int, device: torch.device) -> int:
 def timed(fn, device: torch.device, reps: int = 1) -> float:
     """Seconds per call, after one warm-up call."""
     fn()
-    speed.sync(device)
+    timing.sync(device)
     started = time.perf_counter()
     for _ in range(reps):
         fn()
-    speed.sync(device)
+    timing.sync(device)
     return (time.perf_counter() - started) / reps
 
 
 def measure_search(config, device, args) -> dict:
-    generator, lpips, task = speed.build(config, device)
-    inputs, targets = speed.examples(config, args.examples, device)
+    generator, lpips, task = timing.build(config, device)
+    inputs, targets = timing.examples(config, args.examples, device)
     pools = args.pools
     seeds = torch.arange(args.examples)
-    macs = speed.level_macs(generator, inputs)
+    macs = timing.level_macs(generator, inputs)
     sides = [y.shape[-1] for y in targets]
     generator_macs = speed.search_macs(macs, pools, speed.OURS) * 1e9
     feature_macs = sum((m + 1) * lpips_macs(lpips, side, device) for m, side in zip(pools, sides))  # + the target
@@ -76,12 +77,12 @@ def measure_search(config, device, args) -> dict:
                       "tflops": flops / seconds / 1e12, "utilisation": flops / seconds / (args.peak_tflops * 1e12)}
     return {"examples": args.examples, "pools": pools, "max_batch": args.max_batch, "sides": sides,
             "generator_gmac_per_example": generator_macs / 1e9, "lpips_gmac_per_example": feature_macs / 1e9,
-            "runs": rows, **speed._gpu_memory(device)}
+            "runs": rows, **timing.gpu_memory(device)}
 
 
 def measure_sample(config, device, args) -> dict:
-    generator, _, task = speed.build(config, device)
-    inputs, _ = speed.examples(config, 1, device)
+    generator, _, task = timing.build(config, device)
+    inputs, _ = timing.examples(config, 1, device)
     n, batch = args.images, args.sample_batch
     render = speed.sampler(generator, task, inputs, n)
     rows = {}
@@ -111,18 +112,18 @@ def render(report: dict) -> str:
            f"## Code search (pools {s['pools']}, {s['examples']} examples, batches of {s['max_batch']} renders)\n",
            f"Counted per example: {s['generator_gmac_per_example']:.0f} GMAC in the generator, "
            f"{s['lpips_gmac_per_example']:.0f} GMAC in LPIPS.\n",
-           speed._table(["precision", "s", "examples/s", "TFLOP/s", f"utilisation of {report['peak_tflops']:.0f} TFLOP/s"],
+           timing.table(["precision", "s", "examples/s", "TFLOP/s", f"utilisation of {report['peak_tflops']:.0f} TFLOP/s"],
                         [[k, f"{v['seconds']:.2f}", f"{v['examples_per_second']:.2f}", f"{v['tflops']:.1f}",
                           f"{100 * v['utilisation']:.1f}%"] for k, v in s["runs"].items()])]
     if "peak_gpu_memory_gib" in s:
         out.append(f"Peak GPU memory: {s['peak_gpu_memory_gib']:.1f} GiB.\n")
     out += [f"## Sampling ({p['images']} outputs of {p['output_px']} px, batches of {p['batch']})\n",
-            speed._table(["precision", "images/s"], [[k, f"{v:.1f}"] for k, v in p["images_per_second"].items()]),
+            timing.table(["precision", "images/s"], [[k, f"{v:.1f}"] for k, v in p["images_per_second"].items()]),
             f"## Training step (batch {t['batch']}, best of {t['steps']})\n",
-            speed._table(["precision", "s/step", "steps/s"],
+            timing.table(["precision", "s/step", "steps/s"],
                          [[k, f"{v['seconds_per_step']:.3f}", f"{v['steps_per_second']:.2f}"] for k, v in t["runs"].items()]),
             "## Goals\n",
-            speed._table(["goal", "measured", "met"], [
+            timing.table(["goal", "measured", "met"], [
                 ["search utilisation (bf16) >= 40%", f"{100 * s['runs']['bfloat16']['utilisation']:.1f}%",
                  "yes" if s["runs"]["bfloat16"]["utilisation"] >= 0.4 else "**no**"],
                 [f"sampling at {p['output_px']} px >= 100 images/s", f"{max(p['images_per_second'].values()):.1f}",

@@ -22,7 +22,7 @@ Scoring (LPIPS-VGG throughout, 8 samples per input, seed 0), on two held-out set
     photos    one centre 128 px tile of each held-out photo of the open photo set (chimle.photoset), if built
 per set: best-of-8 and mean LPIPS to the ground truth as a ratio to the task's baseline (bicubic upsampling, the
 grey image, the JPEG; ratio of the means over tiles, lower is better), LPIPS diversity (mean over pairs of
-samples of one input), consistency with the input (chimle.evaluate.consistency), and KID, precision and recall
+samples of one input), consistency with the input (chimle.tasks.Task.consistency), and KID, precision and recall
 (k = 3) and coverage (k = 5) on Inception pool3 features (chimle.metrics; two samples per input against the
 targets: with some 60 real images these say more about one configuration against another than in absolute terms). Snapshots of the model along the way give the learning curve (best-of-8
 ratio on the builtin tiles against training CPU-minutes). Writes benchmarks/results/quality.{md,json,png}.
@@ -96,8 +96,9 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "EMA + 126 photos": [*BEFORE, "train.ema=0.999", PHOTOS],
     "small": [],
 }
+MIN_PHOTOS = manifold.DENSITY_COVERAGE_K + 1  # coverage's k nearest neighbours need k + 1 real images per set
 TARGETS = {"super-resolution": 0.90, "colourization": 0.90, "decompression": 0.85}  # best-of-8 / baseline (issue)
-QUICK = dict(budget=0.4, seeds=[0], photos=4, configs=["small (before)", "+ EMA 0.995", "+ crop 64"])
+QUICK = dict(budget=0.4, seeds=[0], photos=MIN_PHOTOS, configs=["small (before)", "+ EMA 0.995", "+ crop 64"])
 
 
 def tile_row(numbers: dict) -> dict:
@@ -357,7 +358,7 @@ def markdown(table: dict, run: dict) -> str:
              "Ratios are LPIPS-VGG to the ground truth divided by the baseline's (bicubic / grey / JPEG), mean ± std over "
              "seeds; lower is better. Diversity: mean LPIPS-VGG between two samples of one input. KID: Inception "
              f"pool3, {KID_SAMPLES} samples per input against the targets; precision and recall (k = 3) and coverage (k = 5) "
-             "on the same features. Consistency: see chimle.evaluate.consistency "
+             "on the same features. Consistency: see chimle.tasks.Task.consistency "
              "(super-resolution and decompression: PSNR in dB of the re-degraded sample against the input, higher is "
              "better; colourization: mean |ΔL|, lower is better).", ""]
     for key, configs in table.items():
@@ -421,7 +422,7 @@ def plot(results: list[dict], path: Path) -> None:
         common.stack(panels, 1).save(path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = common.parser(__doc__, "a smoke run: two configurations, one seed, a 0.4 CPU-minute budget",
                            "only rewrite the Markdown report and chart from a JSON report of an earlier run")
     parser.add_argument("--task", default="super-resolution", choices=["super-resolution", "colourization",
@@ -432,7 +433,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="one-thread processes at a time (default 2)")
     parser.add_argument("--photos", type=int, default=30, help="held-out photos of the open photo set to score on")
     parser.add_argument("--job", type=Path, help=argparse_suppress())
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.job:
         return job_main(args.job)
     work = args.work or WORK
@@ -445,6 +446,9 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
         budget, seeds, photos = args.budget, args.seeds, args.photos
+        if 0 < photos < MIN_PHOTOS:
+            parser.error(f"--photos {photos}: give 0 (the built-in tiles only) or at least {MIN_PHOTOS} (coverage "
+                         f"looks at {MIN_PHOTOS - 1} nearest neighbours among the real images)")
         if args.quick:
             budget, seeds, photos, names = QUICK["budget"], QUICK["seeds"], QUICK["photos"], QUICK["configs"]
             work = work / "quick"

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
@@ -44,22 +42,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import timing  # noqa: E402
 
-from chimle import tasks  # noqa: E402
 from chimle.devices import native_bf16  # noqa: E402
-from chimle.blocks import WNConv2d  # noqa: E402
 from chimle.config import Config, resolve  # noqa: E402
-from chimle.data import ImageFolder, builtin_photos  # noqa: E402
 from chimle.generator import Generator, count_parameters  # noqa: E402
 from chimle.naive import naive_search, naive_step  # noqa: E402
-from chimle.perceptual import LPIPS  # noqa: E402
 from chimle.search import channels_last, fixed_weights, hierarchical_search  # noqa: E402
 from chimle.train import level_losses, make_optimizer  # noqa: E402
 
 TASKS = {"super-resolution": 128, "decompression": 64}  # task -> crop (target side), px
 PHASES = ("search", "memory", "levers", "bf16", "train", "sample")
 NARROW = ["model.channels=[16,8,8,8]", "model.growth=[32,24,16,8]"]  # 1/8 of the paper's widths (bf16 on CPU)
-GIB = 2**30
 
 
 # Setup shared by the phases ------------------------------------------------------------------------------------
@@ -71,64 +65,6 @@ OVERRIDES: list[str] = []  # --override values, set in each child from its spec
 def make_config(task: str, quick: bool, extra: list[str] = ()) -> Config:
     return resolve(task=task, preset="paper", overrides=[f"data.crop={TASKS[task]}", *(["model.blocks=1"] if quick else []),
                                                           *extra, *OVERRIDES])
-
-
-def examples(config: Config, count: int, device: torch.device):
-    """Input and target pyramids of `count` crops of the built-in photos."""
-    folder = ImageFolder(builtin_photos("train"), config.data.crop)
-    images = torch.stack([folder.example(0, i).image for i in range(count)])
-    inputs, targets = tasks.get(config.task).pair(images, config)
-    return [x.to(device) for x in inputs], [y.to(device) for y in targets]
-
-
-def build(config: Config, device: torch.device, train: bool = False):
-    torch.manual_seed(0)
-    generator = Generator(config.model).to(device)
-    generator.train(train).requires_grad_(train)
-    return generator, LPIPS("vgg").to(device), tasks.get(config.task)
-
-
-def clock(device: torch.device):
-    """The clock of every measurement: on a CPU with one torch thread, the process's CPU time, which other
-    processes on a shared machine cannot inflate and which equals wall time on an idle one; wall time
-    otherwise (several threads, or a GPU)."""
-    return time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def rss_gib() -> float:
-    """Resident memory now (Linux /proc), GiB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux reports KiB
-
-
-def level_macs(generator: Generator, inputs: list[torch.Tensor]) -> list[int]:
-    """Multiply-accumulates of rendering each level for one example (convolutions and linear layers)."""
-    counts, current = [0] * generator.cfg.levels, [0]
-
-    def hook(module, args, output):
-        if isinstance(module, WNConv2d):
-            counts[current[0]] += module.weight_v.numel() * output.shape[-2] * output.shape[-1]
-        else:
-            counts[current[0]] += module.in_features * module.out_features
-
-    handles = [m.register_forward_hook(hook) for m in generator.modules() if isinstance(m, (WNConv2d, torch.nn.Linear))]
-    with torch.no_grad():
-        prefix = generator.start([x[:1] for x in inputs])
-        for level, size in enumerate(generator.code_sizes(prefix)):
-            current[0] = level
-            _, prefix = generator.render_level(prefix, torch.zeros(1, size, device=inputs[0].device))
-    for h in handles:
-        h.remove()
-    return counts
 
 
 def search_macs(macs: list[int], pools: list[int], mode: str, mini_batch: int = 20) -> float:
@@ -167,42 +103,29 @@ def _folded_naive(g, d, t, x, y, s, p):
 
 def phase_search(spec: dict, device: torch.device) -> dict:
     config = make_config(spec["task"], spec["quick"])
-    generator, lpips, task = build(config, device)
-    inputs, targets = examples(config, spec["examples"], device)
+    generator, lpips, task = timing.build(config, device)
+    inputs, targets = timing.examples(config, spec["examples"], device)
     seeds = torch.arange(1000, 1000 + spec["examples"])
     pools = spec["pools"]
-    macs = level_macs(generator, inputs)
-    before = rss_gib()
-    with torch.profiler.profile(activities=_activities(device)) as prof:
-        sync(device)
+    macs = timing.level_macs(generator, inputs)
+    before = timing.rss_gib()
+    with torch.profiler.profile(activities=timing.activities(device)) as prof:
+        timing.sync(device)
         started, cpu = time.perf_counter(), time.process_time()
         result = SEARCHES[spec["mode"]](generator, lpips, task, inputs, targets, seeds, pools, config.search.max_batch)
-        sync(device)
+        timing.sync(device)
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     wall = seconds
     events = prof.key_averages()
     stages = {e.key.removeprefix("search."): e.cpu_time_total / 1e6 for e in events if e.key.startswith("search.")}
     ops = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)[:8]
-    if clock(device) is time.process_time:
+    if timing.clock(device) is time.process_time:
         seconds = cpu
     return {"seconds": seconds, "seconds_per_example": seconds / spec["examples"], "cpu_seconds": cpu, "wall_seconds_search": wall, "stages": stages,
             "operators": {e.key: e.self_cpu_time_total / 1e6 for e in ops},
             "generator_gmac_per_example": search_macs(macs, pools, spec["mode"]), "level_gmac": [m / 1e9 for m in macs],
-            "rss_before_gib": before, "peak_rss_gib": peak_rss_gib(), **_gpu_memory(device),
+            "rss_before_gib": before, "peak_rss_gib": timing.peak_rss_gib(), **timing.gpu_memory(device),
             "winners": result.winners.tolist(), "distances": result.distances.tolist()}
-
-
-def _activities(device: torch.device):
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    return acts
-
-
-def _gpu_memory(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {}
-    return {"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / GIB}
 
 
 # Phase: peak memory of the search ------------------------------------------------------------------------------
@@ -213,14 +136,14 @@ def phase_memory(spec: dict, device: torch.device) -> dict:
     whose last level fills a batch of about max_batch renders at the largest size. The group's pools are all
     the smallest of the paper's (10): the same groups and last-level batches, without the long first levels."""
     config = make_config(spec["task"], spec["quick"])
-    generator, lpips, task = build(config, device)
+    generator, lpips, task = timing.build(config, device)
     pools = [min(spec["pools"])] * config.model.levels
     group = config.search.max_batch // pools[0]
-    inputs, targets = examples(config, group, device)
-    before = rss_gib()
+    inputs, targets = timing.examples(config, group, device)
+    before = timing.rss_gib()
     hierarchical_search(generator, lpips, task, inputs, targets, torch.arange(group), pools, config.search.max_batch)
     return {"examples": group, "memory_pools": pools, "max_batch": config.search.max_batch, "rss_before_gib": before,
-            "peak_rss_gib": peak_rss_gib(), **_gpu_memory(device)}
+            "peak_rss_gib": timing.peak_rss_gib(), **timing.gpu_memory(device)}
 
 
 # Phase: levers on one render -----------------------------------------------------------------------------------
@@ -229,8 +152,8 @@ def phase_memory(spec: dict, device: torch.device) -> dict:
 def phase_levers(spec: dict, device: torch.device) -> dict:
     """Level-1 render of `batch` candidates + their LPIPS features, each lever alone against the plain render."""
     config = make_config("super-resolution", spec["quick"])
-    generator, lpips, task = build(config, device)
-    inputs, _ = examples(config, 1, device)
+    generator, lpips, task = timing.build(config, device)
+    inputs, _ = timing.examples(config, 1, device)
     level, batch = 1, spec["batch"]
     with torch.no_grad():
         sizes = generator.code_sizes(generator.start(inputs))
@@ -241,17 +164,17 @@ def phase_levers(spec: dict, device: torch.device) -> dict:
         raw, _ = generator.render_level(prefix.repeat(codes.shape[0]), codes)
         return lpips.features(task.image(raw, inputs, level))[-1]
 
-    now = clock(device)
+    now = timing.clock(device)
 
     def timed(fn, reps: int) -> float:
         """Milliseconds per candidate, best of `reps` after a warm-up."""
         fn()
         best = float("inf")
         for _ in range(reps):
-            sync(device)
+            timing.sync(device)
             started = now()
             out = fn()
-            sync(device)
+            timing.sync(device)
             best = min(best, now() - started)
         return best / out.shape[0] * 1000
 
@@ -281,7 +204,7 @@ def phase_levers(spec: dict, device: torch.device) -> dict:
         bf16_few = timed(lambda: render(prefix, few), 1)
     out = {"ms_per_candidate": rows, "batch": batch, "level": level,
            "bf16": {"batch": len(few), "fp32_ms_per_candidate": fp32_few, "bf16_ms_per_candidate": bf16_few},
-           "native_bf16": native_bf16(device), "peak_rss_gib": peak_rss_gib()}
+           "native_bf16": native_bf16(device), "peak_rss_gib": timing.peak_rss_gib()}
     if spec["compile"]:
         out["compile_seconds"] = compile_seconds
     return out
@@ -293,10 +216,10 @@ def phase_levers(spec: dict, device: torch.device) -> dict:
 def phase_bf16(spec: dict, device: torch.device) -> dict:
     narrow = not native_bf16(device)
     config = make_config("super-resolution", spec["quick"], NARROW if narrow else [])
-    generator, lpips, task = build(config, device)
-    inputs, targets = examples(config, spec["examples"], device)
+    generator, lpips, task = timing.build(config, device)
+    inputs, targets = timing.examples(config, spec["examples"], device)
     seeds = torch.arange(2000, 2000 + spec["examples"])
-    runs, seconds, now = {}, {}, clock(device)
+    runs, seconds, now = {}, {}, timing.clock(device)
     variants = {"float32": (None, 0), "bfloat16": (torch.bfloat16, 0),
                 f"bfloat16, {spec['rescore']} rescored": (torch.bfloat16, spec["rescore"])}
     for name, (dtype, rescore) in variants.items():
@@ -316,7 +239,7 @@ def phase_bf16(spec: dict, device: torch.device) -> dict:
             "mean_distance": b.distances.mean(0).tolist()}
     return {"narrow_model": narrow, "widths": {"channels": config.model.channels, "growth": config.model.growth},
             "examples": spec["examples"], "pools": spec["pools"], "agreement": agreement,
-            "distance_fp32": a.distances.mean(0).tolist(), "seconds": seconds, "peak_rss_gib": peak_rss_gib()}
+            "distance_fp32": a.distances.mean(0).tolist(), "seconds": seconds, "peak_rss_gib": timing.peak_rss_gib()}
 
 
 # Phase: training step ------------------------------------------------------------------------------------------
@@ -331,10 +254,10 @@ TRAIN_LADDER = {  # name -> (anomaly detection, Adam implementation, channels-la
 
 
 def train_setup(config: Config, device: torch.device, kind: str, layout: bool):
-    generator, lpips, task = build(config, device, train=True)
+    generator, lpips, task = timing.build(config, device, train=True)
     if layout:
         generator.to(memory_format=torch.channels_last)
-    inputs, targets = examples(config, 1, device)
+    inputs, targets = timing.examples(config, 1, device)
     sizes = generator.code_sizes(generator.start(inputs))
     codes = [torch.randn(1, s, generator=torch.Generator().manual_seed(level)).to(device) for level, s in enumerate(sizes)]
     return generator, lpips, task, make_optimizer(config, generator, kind), (inputs, targets, codes)
@@ -344,24 +267,24 @@ def train_steps(generator, lpips, task, optimizer, batch, device, warmup: int, s
                 dtype: torch.dtype | None = None) -> dict:
     """Seconds per step (best of `steps` after `warmup`), split into forward, backward and Adam."""
     inputs, targets, codes = batch
-    best, now = None, clock(device)
+    best, now = None, timing.clock(device)
     for step in range(warmup + steps):
         started = now()
         if anomaly:  # forward and backward together: anomaly mode is one context around both
             naive_step(generator, lpips, task, optimizer, inputs, targets, codes)
-            sync(device)
+            timing.sync(device)
             times = {"forward": now() - started, "backward": 0.0, "optimizer": 0.0}
         else:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 losses = level_losses(generator, lpips, task, inputs, targets, codes)
-            sync(device)
+            timing.sync(device)
             t1 = now()
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
-            sync(device)
+            timing.sync(device)
             t2 = now()
             optimizer.step()
-            sync(device)
+            timing.sync(device)
             times = {"forward": t1 - started, "backward": t2 - t1, "optimizer": now() - t2}
         if step >= warmup and (best is None or sum(times.values()) < sum(best.values())):
             best = times
@@ -373,7 +296,7 @@ def phase_train(spec: dict, device: torch.device) -> dict:
     anomaly, kind, layout = TRAIN_LADDER[spec["variant"]]
     generator, lpips, task, optimizer, batch = train_setup(config, device, kind, layout)
     result = train_steps(generator, lpips, task, optimizer, batch, device, spec["warmup"], spec["steps"], anomaly)
-    return {**result, "peak_rss_gib": peak_rss_gib(), **_gpu_memory(device)}
+    return {**result, "peak_rss_gib": timing.peak_rss_gib(), **timing.gpu_memory(device)}
 
 
 def phase_train_bf16(spec: dict, device: torch.device) -> dict:
@@ -387,7 +310,7 @@ def phase_train_bf16(spec: dict, device: torch.device) -> dict:
                                dtype=dtype) for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16))}
     return {"narrow_model": narrow, "widths": {"channels": config.model.channels, "growth": config.model.growth},
             "parameters": count_parameters(generator), "steps": times, "effect": effect,
-            "peak_rss_gib": peak_rss_gib()}
+            "peak_rss_gib": timing.peak_rss_gib()}
 
 
 def bf16_effect(generator, lpips, task, inputs, targets, codes, device) -> dict:
@@ -430,18 +353,18 @@ def phase_sample(spec: dict, device: torch.device) -> dict:
     from chimle.sample import Model, variations
 
     config = make_config("super-resolution", spec["quick"])
-    generator, _, task = build(config, device)
-    inputs, _ = examples(config, 1, device)
+    generator, _, task = timing.build(config, device)
+    inputs, _ = timing.examples(config, 1, device)
     n, batch = spec["images"], spec["batch"]
     render = sampler(generator, task, inputs, n)
-    now = clock(device)
+    now = timing.clock(device)
 
     def rate(fn) -> float:
         fn()  # warm-up
-        sync(device)
+        timing.sync(device)
         started = now()
         fn()
-        sync(device)
+        timing.sync(device)
         return n / (now() - started)
 
     rows = {}
@@ -455,7 +378,7 @@ def phase_sample(spec: dict, device: torch.device) -> dict:
     rows["chimle.sample.Model.sample as shipped, batch 1"] = rate(lambda: model.sample(image, n=n, seed=0))
     rows[f"chimle.sample.Model.render, batch {batch}"] = rate(lambda: model.render(image, sources, batch=batch))
     return {"images_per_second": rows, "images": n, "output_px": TASKS["super-resolution"],
-            "peak_rss_gib": peak_rss_gib()}
+            "peak_rss_gib": timing.peak_rss_gib()}
 
 
 PHASE_FUNCTIONS = {"search": phase_search, "memory": phase_memory, "levers": phase_levers, "bf16": phase_bf16, "train": phase_train,
@@ -519,7 +442,7 @@ def child(spec: dict) -> None:
     warnings.filterwarnings("ignore", message=".*[Aa]nomaly.*")
     device = torch.device(spec["device"])
     result = PHASE_FUNCTIONS[spec["phase"]](spec, device)
-    result["clock"] = "process CPU time" if clock(device) is time.process_time else "wall time"
+    result["clock"] = "process CPU time" if timing.clock(device) is time.process_time else "wall time"
     print(json.dumps(result))
 
 
@@ -538,12 +461,6 @@ STAGES = ["prefix", "candidates", "candidate_features", "target_features", "dist
 
 def _find(results: list[dict], **match) -> dict | None:
     return next((r for r in results if all(r.get(k) == v for k, v in match.items())), None)
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def render(report: dict) -> str:
@@ -585,7 +502,7 @@ def render(report: dict) -> str:
     if rows:
         pools = searches[0]["pools"]
         out += [f"## Code search, pools {pools}: seconds per example\n",
-                _table(["task", "examples", "naive s/ex", "ours s/ex", "speed-up", "generator GMAC/ex naive / ours",
+                timing.table(["task", "examples", "naive s/ex", "ours s/ex", "speed-up", "generator GMAC/ex naive / ours",
                         "peak RSS GiB naive / ours (with the profiler)",
                         "same codes as naive"], rows),
                 "Naive: `chimle.naive.naive_search`, the official sampler's work (levels below l re-rendered for each "
@@ -606,7 +523,7 @@ def render(report: dict) -> str:
                  f"{r['generator_gmac_per_example'] / r['seconds_per_example']:.0f}",
                  f"{r['peak_rss_gib']:.2f}"] for i, r in enumerate(ladder)]
         out += [f"## Search levers one at a time ({first}, 1 example)\n",
-                _table(["search", "s/example", "vs naive", "this lever", "generator GMAC", "GMAC/s overall",
+                timing.table(["search", "s/example", "vs naive", "this lever", "generator GMAC", "GMAC/s overall",
                         "peak RSS GiB"], rows)]
 
     # Where the time goes.
@@ -625,7 +542,7 @@ def render(report: dict) -> str:
             rows.append([stage, *cells])
         rows.append(["total", *[f"{r['seconds_per_example']:.2f}" for _, r in picks]])
         out += [f"## Where the search's time goes ({first}; seconds per example, share)\n",
-                _table(["stage", *[f"{k} example(s)" for k, _ in picks]], rows),
+                timing.table(["stage", *[f"{k} example(s)" for k, _ in picks]], rows),
                 "Stages are the `record_function` ranges of chimle.search / chimle.naive; torch.profiler gives "
                 "their shares, applied to the measured total. prefix = rendering the chosen codes of lower levels "
                 "(naive: again for every mini-batch of 20); candidates = rendering the level being searched; "
@@ -633,7 +550,7 @@ def render(report: dict) -> str:
         ops = {k: r["operators"] for k, r in picks[:2]}
         names = list(dict.fromkeys(n for o in ops.values() for n in list(o)[:6]))
         out += ["Top operators (share of the profiled time):\n",
-                _table(["operator", *ops], [[n, *[f"{100 * o.get(n, 0) / r['wall_seconds_search']:.1f}%" for (_, r), o
+                timing.table(["operator", *ops], [[n, *[f"{100 * o.get(n, 0) / r['wall_seconds_search']:.1f}%" for (_, r), o
                                                   in zip(picks, ops.values())]] for n in names])]
 
     for memory in [r for r in results if r["phase"] == "memory"]:
@@ -656,7 +573,7 @@ def render(report: dict) -> str:
         rows.append([f"bfloat16 autocast (batch {bf['batch']}; float32 at that batch: {bf['fp32_ms_per_candidate']:.0f})",
                      f"{bf['bf16_ms_per_candidate']:.0f}", f"{bf['fp32_ms_per_candidate'] / bf['bf16_ms_per_candidate']:.2f}x vs fp32"])
         out += [f"## Each lever on one render (level {levers['level'] + 1} of {levers['batch']} candidates + LPIPS; "
-                "ms per candidate)\n", _table(["lever", "ms/candidate", "vs plain"], rows)]
+                "ms per candidate)\n", timing.table(["lever", "ms/candidate", "vs plain"], rows)]
         if "compile_seconds" in levers:
             out.append(f"torch.compile took {levers['compile_seconds']:.0f} s (wall) to compile this one level and batch "
                        "size; every other level and batch size compiles again.\n")
@@ -678,7 +595,7 @@ def render(report: dict) -> str:
                 "Rescored: each example's nearest candidates by the bf16 distance re-rendered in float32 at every "
                 "level, the float32 distance deciding (`hierarchical_search(..., rescore=k)`, config "
                 "`search.rescore`).\n",
-                _table(["search", "examples with the float32 codes", "agreement per level", "seconds"], rows)]
+                timing.table(["search", "examples with the float32 codes", "agreement per level", "seconds"], rows)]
         for name, g in bf["agreement"].items():
             targets.append((f"{name} search chooses the float32 codes on >= 95% of examples",
                             f"{100 * g['fraction_identical']:.0f}%", g["fraction_identical"] >= 0.95))
@@ -691,7 +608,7 @@ def render(report: dict) -> str:
                  *[f"{r['breakdown'][k]:.2f}" for k in ("forward", "backward", "optimizer")],
                  f"{r['peak_rss_gib']:.2f}"] for r in trains]
         out += [f"## Training step (super-resolution, batch 1, float32; best of {trains[0]['steps']} steps)\n",
-                _table(["variant", "s/step", "vs naive", "forward", "backward", "Adam", "peak RSS GiB"], rows),
+                timing.table(["variant", "s/step", "vs naive", "forward", "backward", "Adam", "peak RSS GiB"], rows),
                 "Naive: `chimle.naive.naive_step`, anomaly detection on (its forward column holds forward and "
                 "backward). The levers accumulate down the table.\n"]
         best = min(trains[1:], key=lambda r: r["seconds_per_step"], default=None)
@@ -717,12 +634,12 @@ def render(report: dict) -> str:
     sample = _find(results, phase="sample")
     if sample:
         out += [f"## Sampling ({sample['images']} outputs of {sample['output_px']} px, super-resolution)\n",
-                _table(["how", "images/s"], [[k, f"{v:.2f}"] for k, v in sample["images_per_second"].items()])]
+                timing.table(["how", "images/s"], [[k, f"{v:.2f}"] for k, v in sample["images_per_second"].items()])]
         targets.append(("sampling reported as images per second",
                         f"{max(sample['images_per_second'].values()):.2f} images/s", True))
 
     if targets:
-        out += ["## Targets\n", _table(["target", "measured", "met"],
+        out += ["## Targets\n", timing.table(["target", "measured", "met"],
                                        [[t, m, "yes" if ok else "**no**"] for t, m, ok in targets])]
     return "\n".join(out)
 

@@ -298,7 +298,7 @@ def protocol(scores: dict, baseline: str | None) -> str:
     ratio = f", and their ratio to the {baseline}'s LPIPS (ratio of the means over tiles)" if baseline else ""
     return (f"{SAMPLES} samples per input (seed 0), LPIPS v0.1 VGG16 against the ground truth: best-of-{SAMPLES} and "
             f"mean{ratio}; lower is better. Diversity: mean LPIPS between two samples of one input. Consistency: "
-            "chimle.evaluate.consistency (PSNR in dB of the sample degraded again against the input, or mean |ΔL| "
+            "chimle.tasks.Task.consistency (PSNR in dB of the sample degraded again against the input, or mean |ΔL| "
             f"for colourization). Held-out sets, never trained on: {described}.")
 
 

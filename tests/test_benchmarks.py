@@ -118,3 +118,16 @@ def test_mac_count_scales_with_pixels():
     assert len(small) == cfg.levels and all(v > 0 for v in small)
     # Convolutions dominate: four times the pixels, almost four times the work (linear layers do not grow).
     assert 3.9 < sum(large) / sum(small) <= 4.0
+
+
+def test_quality_benchmark_refuses_too_few_photos_for_coverage_before_any_work(tmp_path, capsys):
+    """Coverage needs k + 1 real images per held-out set; fewer once made every run fail after its training
+    (`--quick` scored 4 photos)."""
+    import quality
+
+    assert not 0 < quality.QUICK["photos"] < quality.MIN_PHOTOS
+    with pytest.raises(SystemExit) as stopped:
+        quality.main(["--photos", "4", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    assert "--photos 4: give 0" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()

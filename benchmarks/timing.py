@@ -1,0 +1,100 @@
+"""What the speed benchmarks share (benchmarks/speed.py, benchmarks/gpu.py): examples and networks to time, the
+clock, synchronisation, memory readings, multiply-accumulate counts, Markdown tables."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from chimle import tasks  # noqa: E402
+from chimle.blocks import WNConv2d  # noqa: E402
+from chimle.config import Config  # noqa: E402
+from chimle.data import ImageFolder, builtin_photos  # noqa: E402
+from chimle.generator import Generator  # noqa: E402
+from chimle.perceptual import LPIPS  # noqa: E402
+
+GIB = 2**30
+
+
+def examples(config: Config, count: int, device: torch.device):
+    """Input and target pyramids of `count` crops of the built-in photos."""
+    folder = ImageFolder(builtin_photos("train"), config.data.crop)
+    images = torch.stack([folder.example(0, i).image for i in range(count)])
+    inputs, targets = tasks.get(config.task).pair(images, config)
+    return [x.to(device) for x in inputs], [y.to(device) for y in targets]
+
+
+def build(config: Config, device: torch.device, train: bool = False):
+    torch.manual_seed(0)
+    generator = Generator(config.model).to(device)
+    generator.train(train).requires_grad_(train)
+    return generator, LPIPS("vgg").to(device), tasks.get(config.task)
+
+
+def clock(device: torch.device):
+    """The clock of every measurement: on a CPU with one torch thread, the process's CPU time, which other
+    processes on a shared machine cannot inflate and which equals wall time on an idle one; wall time
+    otherwise (several threads, or a GPU)."""
+    return time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rss_gib() -> float:
+    """Resident memory now (Linux /proc), GiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux reports KiB
+
+
+def level_macs(generator: Generator, inputs: list[torch.Tensor]) -> list[int]:
+    """Multiply-accumulates of rendering each level for one example (convolutions and linear layers)."""
+    counts, current = [0] * generator.cfg.levels, [0]
+
+    def hook(module, args, output):
+        if isinstance(module, WNConv2d):
+            counts[current[0]] += module.weight_v.numel() * output.shape[-2] * output.shape[-1]
+        else:
+            counts[current[0]] += module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(hook) for m in generator.modules() if isinstance(m, (WNConv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        prefix = generator.start([x[:1] for x in inputs])
+        for level, size in enumerate(generator.code_sizes(prefix)):
+            current[0] = level
+            _, prefix = generator.render_level(prefix, torch.zeros(1, size, device=inputs[0].device))
+    for h in handles:
+        h.remove()
+    return counts
+
+
+def activities(device: torch.device):
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    return acts
+
+
+def gpu_memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / GIB}
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
