@@ -16,6 +16,8 @@ Each measurement runs in a child process of its own, so that its peak resident m
 ru_maxrss: Python, PyTorch, the model, LPIPS and the measurement) is its own. Phases:
     search   naive vs ours on 1 and --examples examples; a ladder adding one lever at a time on 1 example;
              where the time goes (torch.profiler over the record_function stages of the search, top operators)
+    roofline the GMAC/s of one plain 3x3 convolution of the shape that costs the search most, at its batch:
+             the ladder reads its GMAC/s against it
     memory   the search's peak memory where it is largest (a full group of examples), without the profiler
     levers   one render of 16 candidates at the second level + LPIPS, each inference lever alone: weight-norm
              folding, channels-last, inference mode, torch.compile, bfloat16 autocast
@@ -52,7 +54,7 @@ from chimle.search import channels_last, fixed_weights, hierarchical_search  # n
 from chimle.train import level_losses, make_optimizer  # noqa: E402
 
 TASKS = {"super-resolution": 128, "decompression": 64}  # task -> crop (target side), px
-PHASES = ("search", "memory", "levers", "bf16", "train", "sample")
+PHASES = ("search", "roofline", "memory", "levers", "bf16", "train", "sample")
 NARROW = ["model.channels=[16,8,8,8]", "model.growth=[32,24,16,8]"]  # 1/8 of the paper's widths (bf16 on CPU)
 
 
@@ -126,6 +128,39 @@ def phase_search(spec: dict, device: torch.device) -> dict:
             "generator_gmac_per_example": search_macs(macs, pools, spec["mode"]), "level_gmac": [m / 1e9 for m in macs],
             "rss_before_gib": before, "peak_rss_gib": timing.peak_rss_gib(), **timing.gpu_memory(device),
             "winners": result.winners.tolist(), "distances": result.distances.tolist()}
+
+
+# Phase: the float32 roofline of the search ------------------------------------------------------------------
+
+
+def phase_roofline(spec: dict, device: torch.device) -> dict:
+    """GMAC/s of one plain 3x3 convolution (channels-last, inference mode, float32) of the shape that costs the
+    search the most (its MACs weighted by the pool of its level), at the batch the search renders that level in:
+    about the most this device does for the search's work, against which its measured GMAC/s are read."""
+    config = make_config(spec["task"], spec["quick"])
+    generator, _, _ = timing.build(config, device)
+    inputs, _ = timing.examples(config, 1, device)
+    pools = spec["pools"]
+    costs = timing.conv_costs(generator, inputs)
+    weighted = {key: macs * pools[key[0]] for key, macs in costs.items()}
+    (level, cin, cout, h, w), top = max(weighted.items(), key=lambda item: item[1])
+    batch = min(pools[level], config.search.max_batch)
+    del generator
+    conv = torch.nn.Conv2d(cin, cout, 3, padding=1).to(device).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, cin, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    now, best = timing.clock(device), None
+    with torch.inference_mode():
+        for _ in range(spec["reps"] + 1):  # the first is a warm-up
+            timing.sync(device)
+            started = now()
+            conv(x)
+            timing.sync(device)
+            seconds = now() - started
+            best = seconds if best is None or seconds < best else best
+    return {"level": level, "shape": [cin, cout, h, w], "batch": batch, "seconds": best,
+            "gmac_per_second": batch * cout * cin * 9 * h * w / 1e9 / best,
+            "share_of_search_macs": top / sum(weighted.values()), "native_bf16": native_bf16(device),
+            "peak_rss_gib": timing.peak_rss_gib()}
 
 
 # Phase: peak memory of the search ------------------------------------------------------------------------------
@@ -381,7 +416,7 @@ def phase_sample(spec: dict, device: torch.device) -> dict:
             "peak_rss_gib": timing.peak_rss_gib()}
 
 
-PHASE_FUNCTIONS = {"search": phase_search, "memory": phase_memory, "levers": phase_levers, "bf16": phase_bf16, "train": phase_train,
+PHASE_FUNCTIONS = {"search": phase_search, "roofline": phase_roofline, "memory": phase_memory, "levers": phase_levers, "bf16": phase_bf16, "train": phase_train,
                    "train_bf16": phase_train_bf16, "sample": phase_sample}
 
 
@@ -401,6 +436,8 @@ def plan(args) -> list[dict]:
             for mode in SEARCHES:
                 for n in counts.get(mode, []):
                     specs.append({"phase": "search", "task": task, "mode": mode, "examples": n, "pools": pools})
+    if "roofline" in args.phases:
+        specs.append({"phase": "roofline", "task": args.tasks[0], "pools": pools, "reps": 3 if quick else 5})
     if "memory" in args.phases:
         for task in args.tasks:
             specs.append({"phase": "memory", "task": task, "pools": pools})
@@ -515,16 +552,32 @@ def render(report: dict) -> str:
     # The ladder.
     first = searches[0]["task"] if searches else None
     ladder = [_find(searches, task=first, mode=mode, examples=1) for mode in SEARCHES]
+    roof = _find(results, phase="roofline")
     if all(ladder):
         base = ladder[0]["seconds_per_example"]
         rows = [[r["mode"], f"{r['seconds_per_example']:.1f}", f"{base / r['seconds_per_example']:.2f}x",
                  f"{(ladder[i - 1]['seconds_per_example'] if i else base) / r['seconds_per_example']:.2f}x",
                  f"{r['generator_gmac_per_example']:.0f}",
                  f"{r['generator_gmac_per_example'] / r['seconds_per_example']:.0f}",
+                 *([f"{r['generator_gmac_per_example'] / r['seconds_per_example'] / roof['gmac_per_second']:.0%}"]
+                   if roof else []),
                  f"{r['peak_rss_gib']:.2f}"] for i, r in enumerate(ladder)]
         out += [f"## Search levers one at a time ({first}, 1 example)\n",
                 timing.table(["search", "s/example", "vs naive", "this lever", "generator GMAC", "GMAC/s overall",
-                        "peak RSS GiB"], rows)]
+                              *(["of the roofline"] if roof else []), "peak RSS GiB"], rows)]
+    if roof:
+        level, (cin, cout, h, w) = roof["level"], roof["shape"]
+        out.append(f"Roofline (phase `roofline`): one plain 3x3 convolution {cin} -> {cout} channels at {h}x{w}, "
+                   f"batch {roof['batch']}, float32, channels-last, inference mode — the shape that costs the search "
+                   f"most ({roof['share_of_search_macs']:.0%} of its generator MACs, level {level}) at the batch the "
+                   f"search renders that level in: **{roof['gmac_per_second']:.0f} GMAC/s** (best of its repeats). "
+                   "GMAC/s overall counts the generator's MACs only (not LPIPS), over the whole search's time.\n")
+        ours = ladder[-1] if all(ladder) else None
+        if ours and not roof["native_bf16"]:
+            rate = ours["generator_gmac_per_example"] / ours["seconds_per_example"]
+            targets.append(("search without native bf16: within 15% of the float32 roofline",
+                            f"{rate / roof['gmac_per_second']:.0%} of {roof['gmac_per_second']:.0f} GMAC/s",
+                            rate >= 0.85 * roof["gmac_per_second"]))
 
     # Where the time goes.
     picks = [(f"naive, {n}", _find(searches, task=first, mode=NAIVE, examples=n)) for n in (1,)] + \

@@ -94,6 +94,27 @@ def gpu_memory(device: torch.device) -> dict:
     return {"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / GIB}
 
 
+def conv_costs(generator: Generator, inputs: list[torch.Tensor]) -> dict[tuple[int, int, int, int, int], int]:
+    """Multiply-accumulates of one example's render, per convolution shape: {(level, in channels, out channels,
+    height, width): MACs of all the level's convolutions of that shape}."""
+    costs: dict[tuple[int, int, int, int, int], int] = {}
+    current = [0]
+
+    def hook(module, args, output):
+        key = (current[0], module.weight_v.shape[1], module.weight_v.shape[0], output.shape[-2], output.shape[-1])
+        costs[key] = costs.get(key, 0) + module.weight_v.numel() * output.shape[-2] * output.shape[-1]
+
+    handles = [m.register_forward_hook(hook) for m in generator.modules() if isinstance(m, WNConv2d)]
+    with torch.no_grad():
+        prefix = generator.start([x[:1] for x in inputs])
+        for level, size in enumerate(generator.code_sizes(prefix)):
+            current[0] = level
+            _, prefix = generator.render_level(prefix, torch.zeros(1, size, device=inputs[0].device))
+    for h in handles:
+        h.remove()
+    return costs
+
+
 def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
