@@ -61,12 +61,12 @@ from chimle.search import codes_from  # noqa: E402
 # ---- The recipes ---------------------------------------------------------------------------------------------
 # One per task: a preset and overrides of it; `train.rounds` is the length. PHOTOS stands for the open photo set's
 # training split (chimle.photoset.folder("train")), NIGHT_PAIRS for night -> day pairs made from it as the paired
-# demo makes them (chimle.tasks.night_shot). The lengths are those the installed models were trained for (one thread:
-# super-resolution about 50 CPU-minutes, colourization 68, decompression 59): what the CPU time available allowed,
-# not where the learning curve flattens (README, "Quality at a fixed CPU budget"). A longer run of the same recipe
-# is `-o train.rounds=N`, which also extends a finished run.
+# demo makes them (chimle.tasks.night_shot). The lengths are those the installed models were trained for, on one
+# thread: super-resolution 128 CPU-minutes (its learning curve has flattened there: README, "Quality at a fixed CPU
+# budget"), colourization 68, decompression 59. A longer run of the same recipe is `-o train.rounds=N`, which also
+# extends a finished run.
 RECIPES: dict[str, dict] = {
-    "super-resolution": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.ema=0.999", "train.rounds=40"]},
+    "super-resolution": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.ema=0.999", "train.rounds=100"]},
     "colourization": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.ema=0.999", "train.rounds=64"]},
     "decompression": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.ema=0.999", "train.rounds=56"]},
     "paired": {"preset": "small", "overrides": ["data.path=NIGHT_PAIRS", "train.rounds=12"]},
