@@ -60,24 +60,36 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux reports KiB
 
 
+def _render_levels(generator: Generator, inputs: list[torch.Tensor], kinds: tuple, record) -> None:
+    """Render one example level by level, calling record(level, module, output) after every module of `kinds`."""
+    current = [0]
+    handles = [m.register_forward_hook(lambda module, args, output: record(current[0], module, output))
+               for m in generator.modules() if isinstance(m, kinds)]
+    try:
+        with torch.no_grad():
+            prefix = generator.start([x[:1] for x in inputs])
+            for level, size in enumerate(generator.code_sizes(prefix)):
+                current[0] = level
+                _, prefix = generator.render_level(prefix, torch.zeros(1, size, device=inputs[0].device))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _macs(module, output) -> int:
+    if isinstance(module, WNConv2d):
+        return module.weight_v.numel() * output.shape[-2] * output.shape[-1]
+    return module.in_features * module.out_features
+
+
 def level_macs(generator: Generator, inputs: list[torch.Tensor]) -> list[int]:
     """Multiply-accumulates of rendering each level for one example (convolutions and linear layers)."""
-    counts, current = [0] * generator.cfg.levels, [0]
+    counts = [0] * generator.cfg.levels
 
-    def hook(module, args, output):
-        if isinstance(module, WNConv2d):
-            counts[current[0]] += module.weight_v.numel() * output.shape[-2] * output.shape[-1]
-        else:
-            counts[current[0]] += module.in_features * module.out_features
+    def record(level, module, output):
+        counts[level] += _macs(module, output)
 
-    handles = [m.register_forward_hook(hook) for m in generator.modules() if isinstance(m, (WNConv2d, torch.nn.Linear))]
-    with torch.no_grad():
-        prefix = generator.start([x[:1] for x in inputs])
-        for level, size in enumerate(generator.code_sizes(prefix)):
-            current[0] = level
-            _, prefix = generator.render_level(prefix, torch.zeros(1, size, device=inputs[0].device))
-    for h in handles:
-        h.remove()
+    _render_levels(generator, inputs, (WNConv2d, torch.nn.Linear), record)
     return counts
 
 
@@ -98,20 +110,12 @@ def conv_costs(generator: Generator, inputs: list[torch.Tensor]) -> dict[tuple[i
     """Multiply-accumulates of one example's render, per convolution shape: {(level, in channels, out channels,
     height, width): MACs of all the level's convolutions of that shape}."""
     costs: dict[tuple[int, int, int, int, int], int] = {}
-    current = [0]
 
-    def hook(module, args, output):
-        key = (current[0], module.weight_v.shape[1], module.weight_v.shape[0], output.shape[-2], output.shape[-1])
-        costs[key] = costs.get(key, 0) + module.weight_v.numel() * output.shape[-2] * output.shape[-1]
+    def record(level, module, output):
+        key = (level, module.weight_v.shape[1], module.weight_v.shape[0], output.shape[-2], output.shape[-1])
+        costs[key] = costs.get(key, 0) + _macs(module, output)
 
-    handles = [m.register_forward_hook(hook) for m in generator.modules() if isinstance(m, WNConv2d)]
-    with torch.no_grad():
-        prefix = generator.start([x[:1] for x in inputs])
-        for level, size in enumerate(generator.code_sizes(prefix)):
-            current[0] = level
-            _, prefix = generator.render_level(prefix, torch.zeros(1, size, device=inputs[0].device))
-    for h in handles:
-        h.remove()
+    _render_levels(generator, inputs, (WNConv2d,), record)
     return costs
 
 
