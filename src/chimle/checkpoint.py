@@ -193,7 +193,8 @@ def initial_weights(source: str | Path, config: Config, name: str | None = None)
     its task or model settings differ."""
     path = model_path(source)
     saved = read_config(path)
-    shown = f"{name or source}" if str(name or source) == str(path) else f"{name or source} ({path})"
+    label = name or str(source)
+    shown = label if label == str(path) else f"{label} ({path})"
     if saved.task != config.task:
         raise CheckpointError(f"--init {shown} is a {saved.task} model, but this run trains {config.task}: start "
                               f"from a {config.task} model, or give --task {saved.task}")

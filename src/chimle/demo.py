@@ -116,6 +116,7 @@ def run_demo(out: str | Path | None = None, task: str = DEFAULT_TASK, preset: st
              overrides: list[str] | None = None) -> dict:
     # Fetch weights (once).
     weights.fetch(log=lambda line: None)
+    entry = tasks.get(task)
     out = Path(out or ("runs/demo" if task == DEFAULT_TASK else f"runs/demo-{task}"))
     check_folder(out)
 
@@ -124,10 +125,11 @@ def run_demo(out: str | Path | None = None, task: str = DEFAULT_TASK, preset: st
 
     # Train, or reuse the finished run.
     overrides = list(overrides or [])
-    if tasks.get(task).demo_input is not None:
-        overrides.insert(0, f"data.path={make_pairs(tasks.get(task), builtin_photos('train'), out / 'pairs')}")
+    if entry.demo_input is not None:
+        overrides.insert(0, f"data.path={make_pairs(entry, builtin_photos('train'), out / 'pairs')}")
     config = resolve(task=task, preset=preset, overrides=overrides)
-    resume = (out / "config.yaml").is_file()
+    files = RunFiles(out)
+    resume = files.config_file.is_file()
     print(f"{'resuming' if resume else 'training'} a '{preset}' {task} model on the built-in data -> {out}")
     model_file = train(config, out, resume=resume, device="cpu")
 
@@ -138,13 +140,13 @@ def run_demo(out: str | Path | None = None, task: str = DEFAULT_TASK, preset: st
     print(f"\n{report['protocol']}\n")
     rows = [(f"built-in ({shipped['model']})", shipped["mean"])] if shipped else []
     rows.append((f"trained here ('{preset}')", report["mean"]))
-    print("\n".join(table(rows, tasks.get(task).baseline)))
+    print("\n".join(table(rows, entry.baseline)))
     print(f"\ngrids: {out / 'heldout'}" + (f" and {out / 'heldout-builtin'}" if shipped else "")
           + f"   report: {out / 'demo.json'}")
     m = report["mean"]
-    RunFiles(out).log(f"demo: best-of-8 LPIPS {m['ours_best_lpips']:.4f}"
-                      + (f" vs baseline {m['baseline_lpips']:.4f}" if "baseline_lpips" in m else "")
-                      + (f" vs built-in {shipped['mean']['ours_best_lpips']:.4f}" if shipped else ""))
+    files.log(f"demo: best-of-8 LPIPS {m['ours_best_lpips']:.4f}"
+              + (f" vs baseline {m['baseline_lpips']:.4f}" if "baseline_lpips" in m else "")
+              + (f" vs built-in {shipped['mean']['ours_best_lpips']:.4f}" if shipped else ""))
     if not math.isfinite(m["ours_best_lpips"]):
         raise FloatingPointError("the demo model produced non-finite outputs")
     return report

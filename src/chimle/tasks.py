@@ -106,15 +106,11 @@ def _jpeg_degrade(target: torch.Tensor, config: Config) -> torch.Tensor:
 # Baselines: a given input -> the image a method that adds nothing would output ---------------------------------
 
 
-def _resized(given: torch.Tensor, size) -> torch.Tensor:
-    return resize(given, size)
-
-
 def _grey_resized(given: torch.Tensor, size) -> torch.Tensor:
     return grey(resize(given, size))  # a colour input too is reduced to what the model sees: its lightness
 
 
-def baseline_image(given: torch.Tensor, size, to_baseline: Callable = _resized) -> torch.Tensor:
+def baseline_image(given: torch.Tensor, size, to_baseline: Callable = resize) -> torch.Tensor:
     """The baseline (1, 3, H, W) of one given input (C, h, w) at output size (H, W) (grey inputs as RGB)."""
     x = to_baseline(given[None].float(), tuple(size))
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
@@ -192,7 +188,7 @@ class Task:
     to_image: Callable = tanh_to_unit  # (raw tanh output of a level, that level's input) -> RGB image in [0, 1]
     input_kind: str = "image"  # what the model is given: "image" or "labels" (a label map, see chimle.labels)
     baseline: str | None = None  # the name of the baseline, the input brought to the output's size; None: none
-    to_baseline: Callable = _resized  # (given input (1, C, h, w), output size) -> the baseline image
+    to_baseline: Callable = resize  # (given input (1, C, h, w), output size) -> the baseline image
     agreement: Agreement | None = None  # how outputs are checked against their input; None: not measured
     colour_targets: bool = False  # training targets must be colour images (greyscale files are refused)
     describe: str = ""  # what a model of the task does, one line for model listings and cards ({scale}: factor)
