@@ -37,7 +37,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from chimle.data import save_image, seeded  # noqa: E402
+from chimle.data import save_image  # noqa: E402
+from chimle.streams import seeded  # noqa: E402
 from chimle.sample import Model, image_grid  # noqa: E402
 from chimle.train import train  # noqa: E402
 

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
-from chimle.data import seeded
+from chimle import streams
+from chimle.streams import Draw
 
 
 def data_point(seed: int, number: int, examples: int) -> int:
     """Which of a fixed set of `examples` training examples is example `number` of the run: every pass over the
     set visits each once, in an order drawn from (seed, pass)."""
-    order = torch.randperm(examples, generator=seeded(seed, 4, number // examples))
+    order = torch.randperm(examples, generator=streams.run(Draw.FIXED_ORDER, seed, number // examples))
     return int(order[number % examples])
 
 

@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from chimle import streams
+from chimle.streams import Draw
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard); about 7300 x 5500 px
 
@@ -137,20 +140,6 @@ def builtin_photos(split: str = "train") -> Path:
 def dihedral(x: torch.Tensor, index: int) -> torch.Tensor:
     x = torch.rot90(x, index % 4, dims=(-2, -1))
     return torch.flip(x, dims=(-1,)) if index >= 4 else x
-
-
-def _mix(*numbers: int) -> int:
-    """A 63-bit seed from several integers (splitmix64 steps), so nearby inputs give unrelated streams."""
-    state = 0x9E3779B97F4A7C15
-    for n in numbers:
-        state = (state ^ (n & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        state ^= state >> 31
-    return state & 0x7FFFFFFFFFFFFFFF
-
-
-def seeded(*numbers: int) -> torch.Generator:
-    """A CPU random generator seeded from several integers."""
-    return torch.Generator().manual_seed(_mix(*numbers))
 
 
 @dataclass
@@ -272,7 +261,7 @@ class ImageFolder:
     def _order(self, seed: int, number: int) -> list[int]:
         """File indices to try for example `number`: a fresh shuffle per pass over the data."""
         n = len(self.files)
-        order = torch.randperm(n, generator=seeded(seed, 1, number // n))
+        order = torch.randperm(n, generator=streams.run(Draw.ORDER, seed, number // n))
         return [int(order[(number + offset) % n]) for offset in range(n)]
 
     def example(self, seed: int, number: int) -> Example:
@@ -292,7 +281,7 @@ class ImageFolder:
                 self._bad.add(index)
         else:
             raise DataError(f"none of the {len(self.files)} training images could be decoded")
-        g = seeded(seed, 2, number)
+        g = streams.run(Draw.CROP, seed, number)
         (ch, cw), (h, w) = self.crop, planes[0].shape[-2:]
         top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
         left = int(torch.randint(0, w - cw + 1, (1,), generator=g))

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chimle.data import DataError, Example, PairedFolder, read_image, seeded
+from chimle import streams
+from chimle.data import DataError, Example, PairedFolder, read_image
+from chimle.streams import Draw
 
 VOID_INDEX = 255  # the void value of index label maps (Cityscapes' trainId convention)
 
@@ -262,7 +264,7 @@ class LayoutFolder(PairedFolder):
     def _order(self, seed: int, number: int) -> list[int]:
         if self.balance is None:
             return super()._order(seed, number)
-        first = int(torch.multinomial(self.balance.image_weights, 1, generator=seeded(seed, 1, number)))
+        first = int(torch.multinomial(self.balance.image_weights, 1, generator=streams.run(Draw.REBALANCE, seed, number)))
         return [(first + offset) % len(self.files) for offset in range(len(self.files))]
 
     def _example(self, planes: list[torch.Tensor], index: int, permutation: torch.Tensor | None) -> Example:

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from chimle import __version__, builtin, devices, tasks
+from chimle import __version__, builtin, devices, streams, tasks
 from chimle.checkpoint import load_model
 from chimle.files import atomic_write, check_folder
 from chimle.config import Config, ConfigError
-from chimle.data import DataError, list_images, load_image, save_image, seeded, to_uint8
+from chimle.data import DataError, list_images, load_image, save_image, to_uint8
 from chimle.generator import Generator
 from chimle.tasks import TaskError
 from chimle.tiling import Tiling, render_tiled
@@ -49,7 +49,7 @@ Source = tuple[int, int]  # (seed, sample index) whose stream draws a level's co
 
 def codes_from_sources(code_sizes: list[int], sources: list[Source]) -> list[torch.Tensor]:
     """Codes (1, size) per level, level l drawn from the stream of sources[l] = (seed, index)."""
-    return [torch.randn(1, size, generator=seeded(seed, index, level)) for level, (size, (seed, index))
+    return [torch.randn(1, size, generator=streams.sample_code(seed, index, level)) for level, (size, (seed, index))
             in enumerate(zip(code_sizes, sources))]
 
 

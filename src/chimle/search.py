@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
+from chimle import streams
 from chimle.blocks import WNConv2d
-from chimle.data import seeded
 from chimle.generator import Generator, Prefix
 from chimle.perceptual import LPIPS, Distance
 from chimle.tasks import Task
@@ -45,7 +45,7 @@ class SearchResult:
 
 def pool(seed: int, level: int, size: int, code_size: int) -> torch.Tensor:
     """The candidate codes of one example at one level, (size, code_size), drawn on the CPU from (seed, level)."""
-    return torch.randn(size, code_size, generator=seeded(seed, level))
+    return torch.randn(size, code_size, generator=streams.pool(seed, level))
 
 
 def codes_from(result: SearchResult, code_sizes: list[int], device: torch.device | str = "cpu") -> list[torch.Tensor]:

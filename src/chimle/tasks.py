@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from chimle import streams
 from chimle.colour import grey, lab_to_rgb, lightness
-from chimle.data import load_image, seeded, to_uint8
+from chimle.data import load_image, to_uint8
 from chimle.labels import load_labels, one_hot, palette_of
 from chimle.metrics.image import psnr
+from chimle.streams import Draw
 
 if TYPE_CHECKING:
     from chimle.config import Config
@@ -298,7 +300,7 @@ class Task:
 def night_shot(photo: torch.Tensor, seed: int) -> torch.Tensor:
     """A synthetic night shot of a (3, H, W) photo: much darker, blue, with sensor noise. The paired demo's input."""
     dark = photo.pow(2.2) * torch.tensor([0.25, 0.3, 0.5]).view(3, 1, 1)
-    noise = torch.randn(photo.shape, generator=seeded(seed, 7)) * 0.015
+    noise = torch.randn(photo.shape, generator=streams.run(Draw.NIGHT_NOISE, seed)) * 0.015
     return (dark + noise).clamp(0, 1)
 
 

@@ -28,12 +28,13 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from chimle import builtin, checkpoint, devices, distributed, photoset, tasks
+from chimle import builtin, checkpoint, devices, distributed, photoset, streams, tasks
 from chimle import weights as weights_lib
 from chimle.checkpoint import CheckpointError, check_fits, check_state
 from chimle.config import Config, ConfigError, TrainConfig
 from chimle.files import crash_point
-from chimle.data import ImageFolder, PairedFolder, builtin_photos, seeded
+from chimle.data import ImageFolder, PairedFolder, builtin_photos
+from chimle.streams import Draw
 from chimle.adaptive import AdaptiveState, data_point
 from chimle.ema import WeightAverage
 from chimle.generator import Generator, initialise
@@ -111,7 +112,8 @@ def search_round(config: Config, generator: Generator, distance: Distance, batch
     of the round; every process gets the whole round's result. An example's pool seed depends on its number
     only, so the result does not depend on the number of processes. With adaptive IMLE, examples whose code is
     kept are not searched and `adaptive` records the visit."""
-    seeds = torch.randint(0, 2**62, (config.train.round_size,), generator=seeded(config.train.seed, 3, batch.number))
+    seeds = torch.randint(0, 2**62, (config.train.round_size,),
+                          generator=streams.run(Draw.POOL_SEEDS, config.train.seed, batch.number))
     share = config.train.round_size // world.size
     mine = slice(world.rank * share, (world.rank + 1) * share)
     inputs, targets, seeds = [x[mine] for x in batch.inputs], [y[mine] for y in batch.targets], seeds[mine]
