@@ -63,6 +63,16 @@ def test_learning_rate_schedules():
     assert {learning_rate_factor(constant, s, 50) for s in range(50)} == {1.0}
 
 
+def test_stable_decay_holds_the_rate_then_decays_over_the_last_rounds():
+    t = tiny_config("super-resolution", "train.schedule=stable-decay", "train.decay_rounds=2",
+                    "train.steps_per_round=10", "train.lr_final=0.2").train
+    factors = [learning_rate_factor(t, step, 60) for step in range(60)]
+    assert factors[:40] == [1.0] * 40  # rounds 0-3 of 6 at the full rate
+    assert factors[40:] == pytest.approx([0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * s / 19)) for s in range(20)])
+    # Extending the run to 8 rounds moves the decay to its new end: the first 6 rounds are as a constant run's.
+    assert [learning_rate_factor(t, step, 80) for step in range(60)] == [1.0] * 60
+
+
 def test_weight_average_follows_the_weights_with_a_warm_up_of_its_decay():
     module = torch.nn.Linear(3, 2)
     average = WeightAverage(module, decay=0.99)
@@ -120,6 +130,8 @@ def test_recipe_settings_are_validated():
                               ("train.ema=1", r"train.ema=1.0 must be in \[0, 1\)"),
                               ("train.init=xavier", "train.init='xavier' must be one of"),
                               ("train.lr_final=2", r"lr_final=2.0 in \[0, 1\]"),
+                              ("train.schedule=stable-decay", "decay_rounds=0 must be >= 1"),
+                              ("train.decay_rounds=3", "0 with any other schedule"),
                               ("search.adaptive=true", "needs a fixed set of examples"),
                               ("train.examples=5", "multiple of train.round_size"),
                               ("search.adaptive_min_visits=40", "adaptive_min_visits=40 <= adaptive_max_visits=30")]:

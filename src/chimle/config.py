@@ -22,7 +22,7 @@ import yaml
 WIRINGS = ("generic", "super-resolution", "colourization")
 FLOAT_LISTS = {"search.reject_below"}  # list fields of floats (every other list field holds integers)
 PRESETS = ("paper", "small", "tiny")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "stable-decay")
 INITS = ("official", "pytorch")
 MAX_LEVELS = 12  # most generator levels a config may ask for (each doubles the resolution; paper: 4)
 
@@ -89,9 +89,10 @@ class TrainConfig:
     examples: int = 0  # a fixed set of this many training crops, each visited once per pass; 0 = a new crop every time (paper: 0)
     batch_size: int = 1  # examples per optimisation step (paper: 1)
     lr: float = 1e-4  # Adam learning rate (paper: 1e-4, constant)
-    schedule: str = "constant"  # learning-rate schedule over the run: constant (paper) | cosine (down to lr_final x lr)
+    schedule: str = "constant"  # learning-rate schedule: constant (paper) | cosine (over the run, down to lr_final x lr) | stable-decay (constant, then that cosine over the last decay_rounds)
     warmup: int = 0  # optimisation steps of linear learning-rate warm-up from 0 (paper: 0)
-    lr_final: float = 0.0  # cosine schedule: the rate at the last step, as a fraction of lr
+    lr_final: float = 0.0  # cosine and stable-decay: the rate at the last step, as a fraction of lr
+    decay_rounds: int = 0  # stable-decay: the last rounds, over which the rate falls (a run extended later decays at its new end)
     ema: float = 0.0  # decay per step of the moving average of the weights that sampling uses; 0 = off (paper: off)
     init: str = "pytorch"  # initial weights: pytorch (PyTorch's defaults, style heads zero) | official (zero biases, Linear kaiming x 0.1)
     beta1: float = 0.9  # Adam beta1 (paper: 0.9)
@@ -389,6 +390,9 @@ def validate(config: Config) -> None:
         problems.append(f"train.schedule={t.schedule!r} must be one of {SCHEDULES}")
     if t.warmup < 0 or not 0 <= t.lr_final <= 1:
         problems.append(f"train.warmup={t.warmup} must be >= 0 and train.lr_final={t.lr_final} in [0, 1]")
+    if (t.schedule == "stable-decay") != (t.decay_rounds > 0) or t.decay_rounds < 0:
+        problems.append(f"train.decay_rounds={t.decay_rounds} must be >= 1 with train.schedule=stable-decay and 0 "
+                        f"with any other schedule (train.schedule={t.schedule!r})")
     if not 0 <= t.ema < 1:
         problems.append(f"train.ema={t.ema} must be in [0, 1) (0 = off; e.g. 0.999)")
     if t.init not in INITS:

@@ -209,10 +209,12 @@ def level_losses(generator: Generator, distance: Distance, task: tasks.Task, inp
 
 def learning_rate_factor(t: TrainConfig, step: int, total: int) -> float:
     """The multiple of `train.lr` at optimisation step `step` (0-based) of `total`: a linear warm-up over
-    `train.warmup` steps, times a constant (the paper) or a half cosine from 1 down to `train.lr_final`."""
+    `train.warmup` steps, times a constant (the paper), or a half cosine from 1 down to `train.lr_final` over the
+    whole run (cosine) or over its last `train.decay_rounds` rounds (stable-decay)."""
     factor = min(1.0, (step + 1) / t.warmup) if t.warmup else 1.0
-    if t.schedule == "cosine":
-        progress = min(1.0, step / max(1, total - 1))
+    if t.schedule != "constant":
+        length = total if t.schedule == "cosine" else min(total, t.decay_rounds * t.steps_per_round)
+        progress = min(1.0, max(0, step - (total - length)) / max(1, length - 1))
         factor *= t.lr_final + (1 - t.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 
