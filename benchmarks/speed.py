@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import timing  # noqa: E402
 
+from chimle.blocks import folded  # noqa: E402
 from chimle.devices import native_bf16  # noqa: E402
 from chimle.config import Config, resolve  # noqa: E402
 from chimle.generator import Generator, count_parameters  # noqa: E402
@@ -99,7 +100,7 @@ SEARCHES = {  # name -> how it searches; the ladder adds one lever at a time
 
 
 def _folded_naive(g, d, t, x, y, s, p):
-    with g.folded():
+    with folded(g):
         return naive_search(g, d, t, x, y, s, p, reuse_prefix=True)
 
 
@@ -217,7 +218,7 @@ def phase_levers(spec: dict, device: torch.device) -> dict:
     rows = {}
     with torch.no_grad():
         rows["plain (weight norm every forward, NCHW, no_grad)"] = timed(lambda: render(prefix, codes), reps)
-        with generator.folded():
+        with folded(generator):
             rows["weight-norm folding alone"] = timed(lambda: render(prefix, codes), reps)
         with channels_last(generator):
             rows["channels-last alone"] = timed(lambda: render(prefix, codes), reps)

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chimle.blocks import folded
 from chimle.config import resolve
 from chimle.generator import Generator, count_parameters
 from conftest import randomize, tiny_config
@@ -117,10 +118,9 @@ def test_folded_weights_give_the_same_outputs(rng):
     codes = codes_for(g, inputs, rng)
     with torch.no_grad():
         plain = g(inputs, codes)
-        g.fold()
-        folded = g(inputs, codes)
-        g.fold(False)
-    for a, b in zip(plain, folded):
+        with folded(g):
+            folded_outputs = g(inputs, codes)
+    for a, b in zip(plain, folded_outputs):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 

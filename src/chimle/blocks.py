@@ -75,6 +75,24 @@ class WNConv2d(nn.Module):
         return F.conv2d(x, self.weight(), self.bias, padding=self.padding)
 
 
+def fold(module: nn.Module, enabled: bool = True) -> None:
+    """Fold weight normalisation into plain weights in every convolution of `module` (or undo it)."""
+    for conv in module.modules():
+        if isinstance(conv, WNConv2d):
+            conv.fold(enabled)
+
+
+@contextmanager
+def folded(module: nn.Module):
+    """`module` (the generator, or a part of it such as one level) with its weight normalisation folded for the
+    duration of a block in which the parameters do not change."""
+    fold(module)
+    try:
+        yield module
+    finally:
+        fold(module, False)
+
+
 class ResidualDenseBlock(nn.Module):
     """Five convolutions, each fed the block input and every earlier output; 0.2 * last + input."""
 

@@ -18,7 +18,6 @@ search renders the prefix of an example once and only the current level for each
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -165,21 +164,6 @@ class Generator(nn.Module):
             out, prefix = self.render_level(prefix, code)
             outputs.append(out)
         return outputs
-
-    def fold(self, enabled: bool = True) -> None:
-        """Fold weight normalisation into plain weights while the parameters are fixed (search, sampling)."""
-        for module in self.modules():
-            if isinstance(module, WNConv2d):
-                module.fold(enabled)
-
-    @contextmanager
-    def folded(self):
-        """Weight normalisation folded into plain weights for the duration of a block that does not train."""
-        self.fold(True)
-        try:
-            yield self
-        finally:
-            self.fold(False)
 
     def mapping_parameters(self) -> list[nn.Parameter]:
         """Parameters of the mapping networks (trained at a lower rate, DESIGN.md §2.5)."""

@@ -41,6 +41,7 @@ from chimle.files import atomic_write, check_folder
 from chimle.config import Config, ConfigError
 from chimle.data import DataError, list_images, load_image, save_image, to_uint8
 from chimle.generator import Generator
+from chimle.search import fix
 from chimle.tasks import TaskError
 from chimle.tiling import Tiling, render_tiled
 
@@ -97,14 +98,14 @@ def variations(base: list[Source], keep: set[int], seed: int, n: int) -> list[li
 class Model:
     """A trained generator with its task: turns user images into many outputs.
 
-    A Model's weights never change, so it renders as the code search does (chimle.search.fixed_weights) once and
-    for all: weight normalisation folded into plain weights and 4-D weights in channels-last layout (oneDNN's
+    A Model's weights never change, so it prepares its generator once (chimle.search.fix, the lasting form of the
+    code search's fixed_weights): weight normalisation folded into plain weights and 4-D weights in channels-last layout (oneDNN's
     convolutions run 1.3-1.5x faster that way on a CPU), every render in inference mode. The generator it is given
     is changed accordingly; give it a copy to keep training the original."""
 
     def __init__(self, generator: Generator, config: Config, device: torch.device | str = "cpu",
                  tiling: Tiling | None = None, path: str | Path | None = None):
-        self.generator = _fixed(generator.to(device).eval().requires_grad_(False))
+        self.generator = fix(generator.to(device).eval().requires_grad_(False))
         self.config = config
         self.task = tasks.get(config.task)
         self.device = torch.device(device)
@@ -200,16 +201,6 @@ class Model:
             raw = self.generator(inputs, [torch.zeros(1, size, device=self.device) for size in sizes])[-1]
             output = self.task.image(raw, inputs, self.levels - 1).cpu()
         return output.clone()  # outside inference mode: an ordinary tensor
-
-
-def _fixed(generator: Generator) -> Generator:
-    """The generator prepared for rendering with weights that will not change (see `Model`)."""
-    with torch.no_grad():
-        for p in generator.parameters():
-            if p.ndim == 4:
-                p.data = p.data.contiguous(memory_format=torch.channels_last)
-    generator.fold(True)
-    return generator
 
 
 def load(path: str | Path, device: str | None = None, tile: int | None = None, overlap: int = 8,

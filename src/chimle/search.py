@@ -29,7 +29,7 @@ import torch
 from torch.profiler import record_function
 
 from chimle import streams
-from chimle.blocks import WNConv2d
+from chimle.blocks import fold, folded
 from chimle.generator import Generator, Prefix
 from chimle.perceptual import LPIPS, Distance
 from chimle.tasks import Task
@@ -66,11 +66,7 @@ def channels_last(module: torch.nn.Module, enabled: bool = True):
     default layout. oneDNN's CPU convolutions run 1.1-1.4x faster on channels-last tensors (measured in
     benchmarks/speed.py), and a conv with channels-last weights keeps its output channels-last, so the whole
     tower follows. Parameters already channels-last are left alone."""
-    convert = [p for p in module.parameters()
-               if enabled and p.ndim == 4 and not p.is_contiguous(memory_format=torch.channels_last)]
-    with torch.no_grad():
-        for p in convert:
-            p.data = p.data.contiguous(memory_format=torch.channels_last)
+    convert = _to_channels_last(module) if enabled else []
     try:
         yield module
     finally:
@@ -79,18 +75,21 @@ def channels_last(module: torch.nn.Module, enabled: bool = True):
                 p.data = p.data.contiguous()
 
 
-@contextmanager
-def folded(module: torch.nn.Module):
-    """Weight normalisation folded into plain weights in `module`'s convolutions for the duration of the block
-    (`Generator.folded` for a part of the generator, e.g. one level)."""
-    convs = [m for m in module.modules() if isinstance(m, WNConv2d)]
-    for conv in convs:
-        conv.fold(True)
-    try:
-        yield module
-    finally:
-        for conv in convs:
-            conv.fold(False)
+def _to_channels_last(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Convert `module`'s 4-D parameters to channels-last layout; returns those that were not already."""
+    convert = [p for p in module.parameters() if p.ndim == 4 and not p.is_contiguous(memory_format=torch.channels_last)]
+    with torch.no_grad():
+        for p in convert:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+    return convert
+
+
+def fix(generator: Generator) -> Generator:
+    """Prepare `generator` for good as `fixed_weights` does for a block, for weights that never change again (a
+    loaded `chimle.Model`): channels-last weights, weight normalisation folded. Inference mode stays per call."""
+    _to_channels_last(generator)
+    fold(generator)
+    return generator
 
 
 @contextmanager
@@ -101,7 +100,7 @@ def fixed_weights(generator: Generator, device: torch.device, dtype: torch.dtype
     bookkeeping, not even version counters), and autocast to `dtype` if given (bfloat16 pays on GPUs and CPUs
     with bf16 arithmetic; on others, e.g. AVX2-only CPUs, oneDNN falls back to kernels 10-40x slower than
     float32)."""
-    with (channels_last(generator, layout), generator.folded() if fold else nullcontext(), torch.inference_mode(),
+    with (channels_last(generator, layout), folded(generator) if fold else nullcontext(), torch.inference_mode(),
           torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)):
         yield
 

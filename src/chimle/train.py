@@ -41,6 +41,7 @@ from chimle.generator import Generator, initialise
 from chimle.perceptual import LPIPS, Distance
 from chimle.distributed import World
 from chimle.run import RunFiles
+from chimle.blocks import folded
 from chimle.search import SearchResult, codes_from, fixed_weights, flat_search, hierarchical_search, per_level
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before training stops
@@ -499,7 +500,7 @@ def write_grid(config: Config, generator: Generator, batch: Round, path: Path, e
     task = tasks.get(config.task)
     generator.eval()
     rows = []
-    with generator.folded():
+    with folded(generator):
         for i in range(min(examples, config.train.round_size)):
             inputs = [x[i : i + 1] for x in batch.inputs]
             sizes = generator.code_sizes(generator.start(inputs))
