@@ -137,7 +137,9 @@ def photo_set(split: str) -> Path:
 
 @torch.no_grad()
 def score(model_file: Path, sets: dict, full: bool, lpips: LPIPS, inception=None) -> dict:
-    """The numbers of one model on every held-out set (KID only if `full`)."""
+    """The numbers of one model on every held-out set, means over its tiles: best-of-8 and mean LPIPS, the
+    baseline's LPIPS and the ratios to it (ratio of the means; none for layouts, which have no baseline), diversity,
+    consistency with the input, and KID, precision, recall and coverage if `full`."""
     from chimle.sample import Model
 
     model = Model.load(model_file, device="cpu")
@@ -151,8 +153,8 @@ def score(model_file: Path, sets: dict, full: bool, lpips: LPIPS, inception=None
                 real.append(inception(target[None]))
                 fake.append(inception(scored.samples[:KID_SAMPLES]))
         mean = {k: (float(np.mean([r[k] for r in rows])) if rows[0][k] is not None else None) for k in rows[0]}
-        summary = {**mean, "ratio_best": mean["best"] / mean["baseline"], "ratio_mean": mean["mean"] / mean["baseline"],
-                   "tiles": len(rows)}
+        ratios = {f"ratio_{k}": None if mean["baseline"] is None else mean[k] / mean["baseline"] for k in ("best", "mean")}
+        summary = {**mean, **ratios, "tiles": len(rows)}
         if full:
             real, fake = np.concatenate(real), np.concatenate(fake)
             summary["kid"] = fid_lib.kid(real, fake, seed=0)[0]

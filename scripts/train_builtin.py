@@ -53,7 +53,6 @@ from chimle.checkpoint import atomic_write, load_model, save_model  # noqa: E402
 from chimle.config import Config, load_run, resolve, user_settings  # noqa: E402
 from chimle.data import list_images  # noqa: E402
 from chimle.generator import Generator, count_parameters, initialise  # noqa: E402
-from chimle.evaluate import score_input  # noqa: E402
 from chimle.perceptual import LPIPS, Distance  # noqa: E402
 from chimle.sample import Model, image_grid  # noqa: E402
 from chimle.search import codes_from  # noqa: E402
@@ -196,31 +195,15 @@ def _latest(overrides: list[str], override: str) -> str | None:
 # ---- Scoring and the files -----------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def score(model_file: Path, sets: dict, lpips: LPIPS) -> dict:
-    """Per held-out set, means over its tiles: best-of-8 and mean LPIPS, the baseline's LPIPS and the ratios to it
-    (ratio of the means; none for layouts, which have no baseline), diversity and consistency with the input (the
-    numbers of benchmarks/quality.py's `score`)."""
-    model = Model.load(model_file, device="cpu")
-    out = {}
-    for set_name, tiles in sets.items():
-        rows = [quality.tile_row(score_input(model, given, target, lpips, n=SAMPLES, seed=0).numbers)
-                for _, given, target in tiles]
-        mean = {k: None if rows[0][k] is None else sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-        ratios = {f"ratio_{k}": None if mean["baseline"] is None else mean[k] / mean["baseline"] for k in ("best", "mean")}
-        out[set_name] = {**mean, **ratios, "tiles": len(rows)}
-    return out
-
-
 def score_both(model_file: Path, config: Config, out: Path, photos: int | None) -> tuple[dict, dict]:
     """The held-out numbers of the model with its weights stored in float32 and in float16: (the numbers of the
     precision to keep, the record of the comparison)."""
     sets = quality.heldout_sets(config, photos)
     lpips = LPIPS("vgg")
-    scores = {"float32": score(model_file, sets, lpips)}
+    scores = {"float32": quality.score(model_file, sets, False, lpips)}
     half = out / "run" / "model-float16.safetensors"
     save_model(half, load_model(model_file)[0], config, torch.float16)
-    scores["float16"] = score(half, sets, lpips)
+    scores["float16"] = quality.score(half, sets, False, lpips)
     change = {name: scores["float16"][name]["best"] - scores["float32"][name]["best"] for name in sets}
     stored = "float16" if all(abs(c) < FLOAT16_TOLERANCE for c in change.values()) else "float32"
     write_grid(half if stored == "float16" else model_file, sets, out / f"{config.task}.jpg")

@@ -131,3 +131,30 @@ def test_quality_benchmark_refuses_too_few_photos_for_coverage_before_any_work(t
     assert stopped.value.code == 2
     assert "--photos 4: give 0" in capsys.readouterr().err
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("task", ["super-resolution", "layout"])
+def test_quality_score_averages_tiles_and_gives_ratios_only_where_the_task_has_a_baseline(task, tmp_path):
+    """One scoring for benchmarks/quality.py and scripts/train_builtin.py's records; layouts have no baseline."""
+    import quality
+
+    from chimle import tasks
+    from chimle.checkpoint import save_model
+    from chimle.generator import Generator
+    from chimle.perceptual import LPIPS
+    from conftest import randomize, tiny_config
+
+    config = tiny_config(task)
+    save_model(tmp_path / "model.safetensors", randomize(Generator(config.model), seed=1), config)
+    g = torch.Generator().manual_seed(0)
+    targets = [torch.rand(3, 32, 32, generator=g) for _ in range(2)]
+    given = [tasks.get(task).input_for(t[None], config)[0] for t in targets] if task != "layout" else \
+        [torch.nn.functional.one_hot(torch.randint(0, config.model.in_channels, (32, 32), generator=g),
+                                     config.model.in_channels).permute(2, 0, 1).float() for _ in targets]
+    sets = {"tiles": [(f"t{i}", x, y) for i, (x, y) in enumerate(zip(given, targets))]}
+    scores = quality.score(tmp_path / "model.safetensors", sets, False, LPIPS("alex"))["tiles"]
+    assert scores["tiles"] == 2 and 0 < scores["best"] <= scores["mean"]
+    if task == "layout":
+        assert scores["baseline"] is None and scores["ratio_best"] is None and scores["ratio_mean"] is None
+    else:
+        assert scores["ratio_best"] == pytest.approx(scores["best"] / scores["baseline"])
