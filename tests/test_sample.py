@@ -8,7 +8,7 @@ from chimle.checkpoint import load_model, save_model
 from chimle.cli import main
 from chimle.convert import convert_file
 from chimle.data import save_image
-from chimle.evaluate import write_report
+from chimle.report import write_report
 from chimle.generator import Generator
 from chimle.sample import Model, codes_from_sources, image_grid, save_sample
 from conftest import randomize, tiny_config
