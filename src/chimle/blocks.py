@@ -64,7 +64,12 @@ class WNConv2d(nn.Module):
         # One fused op for g * v / ||v|| and its backward (the kernel torch.nn.utils.weight_norm runs): 2.5-3.5x
         # faster than building it from norm, divide and multiply, which over the paper model's 210 M weights is
         # a tenth of a batch-1 training step.
-        return torch._weight_norm(self.weight_v, self.weight_g, 0)
+        weight = torch._weight_norm(self.weight_v, self.weight_g, 0)
+        if self.weight_v.is_contiguous(memory_format=torch.channels_last) and not self.weight_v.is_contiguous():
+            # The fused op returns the default layout; a channels-last tower needs channels-last weights, or every
+            # convolution's output (and so the next one's input) falls back to NCHW.
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        return weight
 
     def fold(self, enabled: bool = True) -> None:
         """Cache the normalised weight; call `fold(False)` before the parameters change again."""
