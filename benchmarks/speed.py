@@ -282,13 +282,15 @@ def phase_bf16(spec: dict, device: torch.device) -> dict:
 
 TRAIN_AS_IT_IS = "+ fused Adam (chimle.train as it is)"
 TRAIN_PLAIN = "- anomaly detection"  # the naive step as the official code would run without anomaly detection
-TRAIN_LADDER = {  # name -> (anomaly detection, Adam implementation, channels-last, weight norm as separate ops)
-    "naive (anomaly detection on, for-loop Adam)": (True, "for-loop", False, False),
-    TRAIN_PLAIN: (False, "for-loop", False, False),
-    "+ foreach Adam": (False, "foreach", False, False),
-    TRAIN_AS_IT_IS: (False, "fused", False, False),
-    "+ fused Adam, channels-last": (False, "fused", True, False),
-    "chimle.train with weight norm as separate ops (before)": (False, "fused", False, True),
+TRAIN_COMPILED = "+ torch.compile (train.compile=true)"
+TRAIN_LADDER = {  # name -> (anomaly detection, Adam, channels-last, weight norm as separate ops, torch.compile)
+    "naive (anomaly detection on, for-loop Adam)": (True, "for-loop", False, False, False),
+    TRAIN_PLAIN: (False, "for-loop", False, False, False),
+    "+ foreach Adam": (False, "foreach", False, False, False),
+    TRAIN_AS_IT_IS: (False, "fused", False, False, False),
+    "+ fused Adam, channels-last": (False, "fused", True, False, False),
+    "chimle.train with weight norm as separate ops (before)": (False, "fused", False, True, False),
+    TRAIN_COMPILED: (False, "fused", False, False, True),
 }
 
 
@@ -311,9 +313,11 @@ def train_setup(config: Config, device: torch.device, kind: str, layout: bool):
 
 
 def train_steps(generator, lpips, task, optimizer, batch, device, warmup: int, steps: int, anomaly: bool = False,
-                dtype: torch.dtype | None = None) -> dict:
-    """Seconds per step (best of `steps` after `warmup`), split into forward, backward and Adam."""
+                dtype: torch.dtype | None = None, losses_of=level_losses) -> dict:
+    """Seconds per step (best of `steps` after `warmup`), split into forward, backward and Adam; the seconds
+    of the first step (where a compiled `losses_of` compiles) besides."""
     inputs, targets, codes = batch
+    first = None
     best, now = None, timing.clock(device)
     for step in range(warmup + steps):
         started = now()
@@ -323,7 +327,7 @@ def train_steps(generator, lpips, task, optimizer, batch, device, warmup: int, s
             times = {"forward": now() - started, "backward": 0.0, "optimizer": 0.0}
         else:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                losses = level_losses(generator, lpips, task, inputs, targets, codes)
+                losses = losses_of(generator, lpips, task, inputs, targets, codes)
             timing.sync(device)
             t1 = now()
             optimizer.zero_grad(set_to_none=True)
@@ -333,18 +337,20 @@ def train_steps(generator, lpips, task, optimizer, batch, device, warmup: int, s
             optimizer.step()
             timing.sync(device)
             times = {"forward": t1 - started, "backward": t2 - t1, "optimizer": now() - t2}
+        first = sum(times.values()) if first is None else first
         if step >= warmup and (best is None or sum(times.values()) < sum(best.values())):
             best = times
-    return {"seconds_per_step": sum(best.values()), "breakdown": best, "steps": steps}
+    return {"seconds_per_step": sum(best.values()), "breakdown": best, "steps": steps, "first_step_seconds": first}
 
 
 def phase_train(spec: dict, device: torch.device) -> dict:
     config = make_config("super-resolution", spec["quick"])
-    anomaly, kind, layout, separate = TRAIN_LADDER[spec["variant"]]
+    anomaly, kind, layout, separate, compiled = TRAIN_LADDER[spec["variant"]]
     if separate:  # this phase runs in its own process: the change ends with it
         WNConv2d.weight = separate_weight_norm
     generator, lpips, task, optimizer, batch = train_setup(config, device, kind, layout)
-    result = train_steps(generator, lpips, task, optimizer, batch, device, spec["warmup"], spec["steps"], anomaly)
+    result = train_steps(generator, lpips, task, optimizer, batch, device, spec["warmup"], spec["steps"], anomaly,
+                         losses_of=torch.compile(level_losses, dynamic=False) if compiled else level_losses)
     return {**result, "peak_rss_gib": timing.peak_rss_gib(), **timing.gpu_memory(device)}
 
 
@@ -462,6 +468,8 @@ def plan(args) -> list[dict]:
         specs.append({"phase": "bf16", "examples": args.bf16_examples, "pools": pools, "rescore": 4})
     if "train" in args.phases:
         for variant in TRAIN_LADDER:
+            if TRAIN_LADDER[variant][4] and not args.compile:
+                continue
             specs.append({"phase": "train", "variant": variant, "warmup": 1, "steps": 2 if quick else 5})
     if "bf16" in args.phases:
         specs.append({"phase": "train_bf16", "warmup": 1, "steps": 2})
@@ -677,9 +685,14 @@ def render(report: dict) -> str:
         out += [f"## Training step (super-resolution, batch 1, float32; best of {trains[0]['steps']} steps)\n",
                 timing.table(["variant", "s/step", "vs naive", "forward", "backward", "Adam", "peak RSS GiB"], rows),
                 "Naive: `chimle.naive.naive_step`, anomaly detection on (its forward column holds forward and "
-                "backward). The levers accumulate down the table; the last row is chimle.train as it is with "
-                "weight normalisation built from separate norm, divide and multiply ops, as before it called "
-                "the fused `torch._weight_norm` (the op the official code's `weight_norm` runs).\n"]
+                "backward). The levers accumulate down to chimle.train as it is; the row after channels-last is "
+                "chimle.train as it is with weight normalisation built from separate norm, divide and multiply "
+                "ops, as before it called the fused `torch._weight_norm` (the op the official code's "
+                "`weight_norm` runs).\n"]
+        compiled = next((r for r in trains if r["variant"] == TRAIN_COMPILED), None)
+        if compiled:
+            out.append(f"{TRAIN_COMPILED}: chimle.train as it is with its forward and backward compiled; its first "
+                       f"step, which compiles them, took {compiled['first_step_seconds']:.0f} s.\n")
         best = min(trains[1:], key=lambda r: r["seconds_per_step"], default=None)
         if best:
             targets.append(("training step fp32 >= 1.3x faster than naive",
@@ -729,7 +742,7 @@ def main() -> None:
     parser.add_argument("--bf16-examples", type=int, default=None, help="examples of the bf16 agreement check (default 8; quick 3)")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     parser.add_argument("--skip", default="", help=f"comma-separated phases to skip, of {', '.join(PHASES)}")
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile lever")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile lever and the compiled training step")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each measurement (default: torch's)")
     parser.add_argument("--override", "-o", action="append", default=[],
                         help="config override for every model, e.g. -o model.blocks=2 (repeatable)")

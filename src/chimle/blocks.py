@@ -153,7 +153,9 @@ def _instance_norm(x: torch.Tensor) -> torch.Tensor:
     """F.instance_norm (no affine; or what `instance_norm_statistics` set), in the memory layout of `x`: PyTorch
     returns the default layout, which would turn a channels-last tower (chimle.search.channels_last) back to NCHW
     after the first style block and make every later convolution and concatenation convert its input."""
-    normalise = _normalise.get()
+    # torch.compile (train.compile) cannot trace a ContextVar read, and would split the graph at every style block:
+    # a compiled step never runs inside instance_norm_statistics (tiling renders with eager weights).
+    normalise = None if torch.compiler.is_compiling() else _normalise.get()
     y = F.instance_norm(x, eps=INSTANCE_NORM_EPS) if normalise is None else normalise(x)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         y = y.contiguous(memory_format=torch.channels_last)

@@ -94,6 +94,7 @@ class TrainConfig:
     lr_final: float = 0.0  # cosine and stable-decay: the rate at the last step, as a fraction of lr
     decay_rounds: int = 0  # stable-decay: the last rounds, over which the rate falls (a run extended later decays at its new end)
     ema: float = 0.0  # decay per step of the moving average of the weights that sampling uses; 0 = off (paper: off)
+    compile: bool = False  # torch.compile the step's forward and backward: one compile (minutes on a CPU) for the run (paper: off)
     init: str = "pytorch"  # initial weights: pytorch (PyTorch's defaults, style heads zero) | official (zero biases, Linear kaiming x 0.1)
     beta1: float = 0.9  # Adam beta1 (paper: 0.9)
     beta2: float = 0.999  # Adam beta2 (paper: 0.999)

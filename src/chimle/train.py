@@ -271,6 +271,7 @@ class Run:
     adaptive: AdaptiveState | None = None  # adaptive IMLE's per-example codes and thresholds (search.adaptive)
     bar: tqdm | None = None
     bad_steps: int = 0  # consecutive non-finite losses
+    losses: Callable[..., torch.Tensor] | None = None  # the step's forward: level_losses, compiled where train.compile
 
     @property
     def total_steps(self) -> int:
@@ -314,6 +315,8 @@ def train(config: Config | None, out: str | Path, resume: bool = False, device: 
     run = Run(config, files, generator, distance, make_optimizer(config, generator),
               total_rounds(config, len(dataset)), world, WeightAverage(generator, t.ema) if t.ema else None,
               on_save if world.is_main else None)
+    # Training shapes are fixed: compiled, one graph serves every step (and, cached on disk, a resumed run).
+    run.losses = torch.compile(level_losses, dynamic=False) if t.compile else level_losses
     if config.search.adaptive:
         run.adaptive = AdaptiveState.empty(t.examples, config.search.samples_per_level)
     step, search = 0, None
@@ -451,7 +454,7 @@ def _step(run: Run, batch: Round, index: torch.Tensor, step: int) -> torch.Tenso
     """One Adam step on the examples `index` of the round, gradients averaged over the processes; a non-finite
     loss skips the step (and, repeated, stops training). Returns the per-level losses, averaged likewise."""
     run.generator.train()
-    losses = level_losses(run.generator, run.distance, tasks.get(run.config.task), [x[index] for x in batch.inputs],
+    losses = run.losses(run.generator, run.distance, tasks.get(run.config.task), [x[index] for x in batch.inputs],
                           [y[index] for y in batch.targets], [c[index] for c in batch.codes],
                           None if batch.weights is None else [w[index] for w in batch.weights])
     run.optimizer.zero_grad(set_to_none=True)
