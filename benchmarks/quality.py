@@ -268,16 +268,25 @@ def job_main(spec_file: Path) -> None:
         result = train_and_score(spec["task"], spec["config"], spec["seed"], spec["budget"], spec["rounds"],
                                  Path(spec["out"]), spec["photos"])
     tmp = Path(spec["result"]).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.write_text(json.dumps({**result, "spec": spec}, indent=1) + "\n")
     os.replace(tmp, spec["result"])
 
 
 # Scheduling ----------------------------------------------------------------------------------------------
 
 
+def finished(spec: dict) -> bool:
+    """Whether the job's result exists and was written for this very spec (a result left by an earlier version
+    of this benchmark, or for other settings, is done again rather than misread)."""
+    try:
+        return json.loads(Path(spec["result"]).read_text()).get("spec") == spec
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run_jobs(specs: list[dict], jobs: int) -> None:
-    """Run the jobs whose result does not exist yet, `jobs` one-thread processes at a time."""
-    pending = [s for s in specs if not Path(s["result"]).exists()]
+    """Run the jobs without a finished result, `jobs` one-thread processes at a time."""
+    pending = [s for s in specs if not finished(s)]
     running: list[tuple[dict, subprocess.Popen]] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     while pending or running:

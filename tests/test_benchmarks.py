@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -107,6 +108,47 @@ def test_claim_verdicts_respect_the_seed_spread():
     assert "disagrees" in verdict(summary, records, "bad", "good", "fid")
     assert "inconclusive" in verdict(summary, records, "good", "close", "fid")
     assert "2 of 3 seeds" in verdict(summary, records, "good", "close", "fid")
+
+
+def test_mode_report_of_some_methods_states_only_their_claims_and_the_extra_settings():
+    """`benchmarks/modes.py --methods hierarchical -o ...` (a sweep of one method) writes a report without the
+    comparisons it did not run, and names the settings it added."""
+    def record(method, seed, coverage):
+        per_input = [{"threshold": 0.07, "assigned": [3, 3, 3, 3]}]
+        return {"seed": seed, "method": method, "coverage": coverage, "precision": 0.5, "nearest_distance": 0.1,
+                "structure": 0.97, "seconds": 90.0, "per_input": per_input, "size": {"parameters": 1, "macs_per_forward": 1}}
+
+    size = dict(modes.SIZES["default"], methods=["hierarchical"], overrides=["search.samples_per_level=[16,4,4]"])
+    run = {"command": "modes.py", "wall_seconds": 1, "cpu_seconds": 1, "load_average_before": [0, 0, 0],
+           "load_average_after": [0, 0, 0], "machine": {"cpus": 2, "omp_num_threads": "1"}}
+    markdown, data = modes.report({"records": [record("hierarchical", s, c) for s, c in ((0, 1.0), (1, 0.75))]},
+                                  size, "default", run)
+    assert "| hierarchical | 0.875" in markdown
+    assert "flat" not in markdown.split("## Reading")[0].split("| method |")[1]
+    assert "The claims, as measured" not in markdown
+    assert "search.samples_per_level=[16,4,4]" in markdown
+    assert data["overrides"]["every method"] == ["search.samples_per_level=[16,4,4]"]
+    full = modes.report({"records": [record(m, s, 0.5) for m in modes.METHODS for s in (0, 1)]},
+                        modes.SIZES["default"], "default", run)[0]
+    assert "hierarchical vs regression" in full and "Hierarchical vs flat" in full
+
+
+def test_quality_benchmark_redoes_a_job_whose_result_was_written_for_another_spec(tmp_path):
+    """A calibration left in the work folder by an earlier version of the benchmark (no "ratio") made --quick
+    fail with a KeyError; such a result is now done again, and only a result written for the same spec counts."""
+    import quality
+
+    spec = {"kind": "calibrate", "task": "super-resolution", "config": "crop 64",
+            "result": str(tmp_path / "calibration.json")}
+    assert not quality.finished(spec)
+    Path(spec["result"]).write_text('{"round_seconds": 91.3}')  # the earlier format: no spec, no ratio
+    assert not quality.finished(spec)
+    Path(spec["result"]).write_text("not json")
+    assert not quality.finished(spec)
+    Path(spec["result"]).write_text(json.dumps({"ratio": 0.35, "spec": {**spec, "config": "EMA 0.995"}}))
+    assert not quality.finished(spec)
+    Path(spec["result"]).write_text(json.dumps({"ratio": 0.35, "spec": json.loads(json.dumps(spec))}))
+    assert quality.finished(spec)
 
 
 def test_mac_count_scales_with_pixels():
