@@ -468,7 +468,7 @@ def plan(args) -> list[dict]:
         specs.append({"phase": "bf16", "examples": args.bf16_examples, "pools": pools, "rescore": 4})
     if "train" in args.phases:
         for variant in TRAIN_LADDER:
-            if TRAIN_LADDER[variant][4] and not args.compile:
+            if TRAIN_LADDER[variant][4] and (quick or not args.compile):  # compiling takes minutes even in --quick
                 continue
             specs.append({"phase": "train", "variant": variant, "warmup": 1, "steps": 2 if quick else 5})
     if "bf16" in args.phases:
@@ -742,7 +742,8 @@ def main() -> None:
     parser.add_argument("--bf16-examples", type=int, default=None, help="examples of the bf16 agreement check (default 8; quick 3)")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     parser.add_argument("--skip", default="", help=f"comma-separated phases to skip, of {', '.join(PHASES)}")
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile lever and the compiled training step")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip the torch.compile lever and the compiled training step (--quick skips the latter)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each measurement (default: torch's)")
     parser.add_argument("--override", "-o", action="append", default=[],
                         help="config override for every model, e.g. -o model.blocks=2 (repeatable)")
