@@ -291,3 +291,17 @@ def test_a_dark_sixteen_bit_image_is_not_read_as_an_eight_bit_one(tmp_path):
     assert Image.open(tmp_path / "dark.pgm").mode == "I"
     image = load_image(tmp_path / "dark.pgm")
     torch.testing.assert_close(image[0, 0], torch.from_numpy(values[0] / 65535).float(), atol=0.5 / 255, rtol=0)
+
+
+def test_compile_without_a_cpp_compiler_is_refused_before_the_run_is_made(tmp_path, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(train_module.shutil, "which", lambda name: None)
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"train.compile=true: torch.compile needs a C\+\+ compiler .* install one "
+                                          r"\(e.g. apt install g\+\+\) or set train.compile=false"):
+        train(tiny_config("super-resolution", "train.compile=true"), out)
+    assert not out.exists() or not any(out.iterdir())
+    monkeypatch.setenv("CXX", "my-g++")
+    seen = []
+    monkeypatch.setattr(train_module.shutil, "which", lambda name: seen.append(name))
+    assert train_module.c_compiler() is None and seen == ["my-g++"]

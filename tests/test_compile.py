@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
-from chimle.train import train
+from chimle.train import c_compiler, train
 from conftest import tiny_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(c_compiler() is None, reason="torch.compile needs a C++ compiler on a CPU")]
 
 SETTINGS = ["train.rounds=2", "train.round_size=4", "train.steps_per_round=4", "train.checkpoint_every=2",
             "train.grid_every=100"]

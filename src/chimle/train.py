@@ -19,6 +19,8 @@ chimle.distributed). What the run directory holds, and its reading and writing: 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -301,6 +303,10 @@ def train(config: Config | None, out: str | Path, resume: bool = False, device: 
     start = _starting_weights(init, config, state, world)
     t = config.train
     weights_lib.resolve(f"lpips-{t.perceptual}")  # missing LPIPS weights: say so before anything is written
+    if t.compile and device.type == "cpu" and not c_compiler():
+        raise ConfigError("train.compile=true: torch.compile needs a C++ compiler to build its CPU kernels and none "
+                          "was found (looked for $CXX, g++, c++, clang++); install one (e.g. apt install g++) or set "
+                          "train.compile=false")
 
     # Load data.
     dataset = training_set(config)
@@ -344,6 +350,12 @@ def train(config: Config | None, out: str | Path, resume: bool = False, device: 
     files.log(f"done: {step} steps")
     distributed.cleanup()
     return files.model_file
+
+
+def c_compiler() -> str | None:
+    """The C++ compiler torch.compile would build CPU kernels with, or None."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return next((path for path in map(shutil.which, names) if path), None)
 
 
 def _check_world(config: Config, world: World) -> None:
