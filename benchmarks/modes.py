@@ -164,12 +164,17 @@ def draw(model: Model, method: str, grey: torch.Tensor, n: int, seed: int) -> to
     return model.sample(grey, n=n, seed=seed)
 
 
+def methods_of(size: dict) -> list[str]:
+    """The methods a run trains: `--methods`, or all (a report written before that option names none)."""
+    return size.get("methods", list(METHODS))
+
+
 def run(size: dict, work: Path) -> dict:
     """Train and score every method for every seed; the per-seed records."""
     records = []
     for seed in size["seeds"]:
         targets, inputs = write_training_pairs(work / f"data-{seed}", size["train_images"], seed)
-        for method in size.get("methods", list(METHODS)):
+        for method in methods_of(size):
             clock = common.Stopwatch()
             cfg = common.config("paired", [*MODEL, *SCHEDULE, *METHODS[method], *size.get("overrides", []),
                                            f"train.rounds={size['rounds']}",
@@ -209,7 +214,7 @@ def plot(records: list[dict], size: dict, path: Path) -> None:
             panels.append(common.titled(pil, f"{r['method']}: input | 8 samples (seed {r['seed']})"))
     bars = []
     for metric in ("coverage", "precision", "structure"):
-        group = [(m, *_mean_std(records, m, metric)) for m in size.get("methods", list(METHODS))]
+        group = [(m, *_mean_std(records, m, metric)) for m in methods_of(size)]
         bars.append(common.bar_panel(f"{metric} (mean ± std over {len(size['seeds'])} seed(s))",
                                      [("", group)], size=(380, 260), lower_is_better=False))
     sheet = common.stack([common.stack(panels, 1), common.stack(bars, 1)], 2)
@@ -284,7 +289,7 @@ def report(result: dict, size: dict, mode: str, run: dict) -> tuple[str, dict]:
     k, n = len(PALETTE), size["samples"]
     table = {m: {metric: common.spread([r[metric] for r in records if r["method"] == m])
                  for metric in ("coverage", "precision", "nearest_distance", "structure", "seconds")}
-             for m in size.get("methods", list(METHODS))}
+             for m in methods_of(size)}
     cfg_size = next(r["size"] for r in records)
     lines = [
         f"# Mode coverage with known modes{' (QUICK MODE: smoke-test size, not the committed result)' if mode == 'quick' else ''}",

@@ -273,7 +273,7 @@ class Run:
     adaptive: AdaptiveState | None = None  # adaptive IMLE's per-example codes and thresholds (search.adaptive)
     bar: tqdm | None = None
     bad_steps: int = 0  # consecutive non-finite losses
-    losses: Callable[..., torch.Tensor] | None = None  # the step's forward: level_losses, compiled where train.compile
+    losses: Callable[..., torch.Tensor] = level_losses  # the step's forward: level_losses, compiled where train.compile
 
     @property
     def total_steps(self) -> int:
@@ -320,9 +320,9 @@ def train(config: Config | None, out: str | Path, resume: bool = False, device: 
     distance = Distance(LPIPS(t.perceptual), t.pixel_weight).to(device)
     run = Run(config, files, generator, distance, make_optimizer(config, generator),
               total_rounds(config, len(dataset)), world, WeightAverage(generator, t.ema) if t.ema else None,
-              on_save if world.is_main else None)
-    # Training shapes are fixed: compiled, one graph serves every step (and, cached on disk, a resumed run).
-    run.losses = torch.compile(level_losses, dynamic=False) if t.compile else level_losses
+              on_save if world.is_main else None,
+              # Training shapes are fixed: compiled, one graph serves every step (and, cached on disk, a resumed run).
+              losses=torch.compile(level_losses, dynamic=False) if t.compile else level_losses)
     if config.search.adaptive:
         run.adaptive = AdaptiveState.empty(t.examples, config.search.samples_per_level)
     step, search = 0, None
