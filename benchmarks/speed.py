@@ -15,7 +15,9 @@ their values), inputs cropped from the built-in photos.
 Each measurement runs in a child process of its own, so that its peak resident memory (the child's getrusage
 ru_maxrss: Python, PyTorch, the model, LPIPS and the measurement) is its own. Phases:
     search   naive vs ours on 1 and --examples examples; a ladder adding one lever at a time on 1 example;
-             where the time goes (torch.profiler over the record_function stages of the search, top operators)
+             where the time goes (torch.profiler over the record_function stages of the search, top operators);
+             ours through torch.compile (search.compile=true) on --examples examples, after compiling every level
+             on another example: whether it pays over a 400-example round
     roofline the GMAC/s of one plain 3x3 convolution of the shape that costs the search most, at its batch:
              the ladder reads its GMAC/s against it
     memory   the search's peak memory where it is largest (a full group of examples), without the profiler
@@ -88,14 +90,16 @@ def search_macs(macs: list[int], pools: list[int], mode: str, mini_batch: int = 
 
 # Phase: search -------------------------------------------------------------------------------------------------
 
-NAIVE, PREFIX, FOLDED, BATCHED, OURS = ("naive", "+ prefix caching", "+ weight-norm folding",
-                                       "+ batching, inference mode", "ours (+ channels-last)")
+NAIVE, PREFIX, FOLDED, BATCHED, OURS, COMPILED = ("naive", "+ prefix caching", "+ weight-norm folding",
+                                                 "+ batching, inference mode", "ours (+ channels-last)",
+                                                 "+ torch.compile (search.compile=true)")
 SEARCHES = {  # name -> how it searches; the ladder adds one lever at a time
     NAIVE: lambda g, d, t, x, y, s, p, b: naive_search(g, d, t, x, y, s, p),
     PREFIX: lambda g, d, t, x, y, s, p, b: naive_search(g, d, t, x, y, s, p, reuse_prefix=True),
     FOLDED: lambda g, d, t, x, y, s, p, b: _folded_naive(g, d, t, x, y, s, p),
     BATCHED: lambda g, d, t, x, y, s, p, b: hierarchical_search(g, d, t, x, y, s, p, b, layout=False),
     OURS: lambda g, d, t, x, y, s, p, b: hierarchical_search(g, d, t, x, y, s, p, b),
+    COMPILED: lambda g, d, t, x, y, s, p, b: hierarchical_search(g, d, t, x, y, s, p, b, compile=True),
 }
 
 
@@ -111,6 +115,12 @@ def phase_search(spec: dict, device: torch.device) -> dict:
     seeds = torch.arange(1000, 1000 + spec["examples"])
     pools = spec["pools"]
     macs = timing.level_macs(generator, inputs)
+    compile_seconds = None
+    if spec["mode"] == COMPILED:  # compile every level first, on another example: a round compiles once
+        started = time.perf_counter()  # wall time: the compiler works in worker processes too
+        SEARCHES[COMPILED](generator, lpips, task, [x[:1] for x in inputs], [y[:1] for y in targets],
+                           torch.tensor([999]), pools, config.search.max_batch)
+        compile_seconds = time.perf_counter() - started
     before = timing.rss_gib()
     with torch.profiler.profile(activities=timing.activities(device)) as prof:
         timing.sync(device)
@@ -128,7 +138,8 @@ def phase_search(spec: dict, device: torch.device) -> dict:
             "operators": {e.key: e.self_cpu_time_total / 1e6 for e in ops},
             "generator_gmac_per_example": search_macs(macs, pools, spec["mode"]), "level_gmac": [m / 1e9 for m in macs],
             "rss_before_gib": before, "peak_rss_gib": timing.peak_rss_gib(), **timing.gpu_memory(device),
-            "winners": result.winners.tolist(), "distances": result.distances.tolist()}
+            "winners": result.winners.tolist(), "distances": result.distances.tolist(),
+            **({"compile_and_first_example_seconds": compile_seconds} if compile_seconds is not None else {})}
 
 
 # Phase: the float32 roofline of the search ------------------------------------------------------------------
@@ -451,8 +462,9 @@ def plan(args) -> list[dict]:
     if "search" in args.phases:
         for i, task in enumerate(args.tasks):
             counts = {NAIVE: sorted({1, args.naive_examples}), OURS: sorted({1, args.examples})}
-            if i == 0:  # the ladder, on the first task's single example
+            if i == 0:  # the ladder, on the first task's single example; the compiled search as a round runs it
                 counts.update({mode: [1] for mode in (PREFIX, FOLDED, BATCHED)})
+                counts[COMPILED] = [args.examples] if args.compile else []
             for mode in SEARCHES:
                 for n in counts.get(mode, []):
                     specs.append({"phase": "search", "task": task, "mode": mode, "examples": n, "pools": pools})
@@ -573,7 +585,7 @@ def render(report: dict) -> str:
 
     # The ladder.
     first = searches[0]["task"] if searches else None
-    ladder = [_find(searches, task=first, mode=mode, examples=1) for mode in SEARCHES]
+    ladder = [_find(searches, task=first, mode=mode, examples=1) for mode in SEARCHES if mode != COMPILED]
     roof = _find(results, phase="roofline")
     if all(ladder):
         base = ladder[0]["seconds_per_example"]
@@ -587,6 +599,26 @@ def render(report: dict) -> str:
         out += [f"## Search levers one at a time ({first}, 1 example)\n",
                 timing.table(["search", "s/example", "vs naive", "this lever", "generator GMAC", "GMAC/s overall",
                               *(["of the roofline"] if roof else []), "peak RSS GiB"], rows)]
+    compiled = next((r for r in searches if r["task"] == first and r["mode"] == COMPILED), None)
+    ours = compiled and _find(searches, task=first, mode=OURS, examples=compiled["examples"])
+    if ours:
+        saved = ours["seconds_per_example"] - compiled["seconds_per_example"]
+        compiling = compiled["compile_and_first_example_seconds"] - compiled["seconds_per_example"]
+        verdict = (f"it pays after {compiling / saved:.0f} examples; over a round of 400 examples it saves "
+                   f"{(400 * saved - compiling) / 60:.0f} minutes net ({400 * saved / compiling:.1f}x its compile "
+                   "time)" if saved > 0 else "it does not pay: the compiled search is no faster")
+        speedup = ours["seconds_per_example"] / compiled["seconds_per_example"]
+        same = sum(a == b for a, b in zip(ours["winners"], compiled["winners"]))
+        out.append(f"**The search through torch.compile** (`search.compile=true`; {first}, {compiled['examples']} "
+                   f"examples): {compiled['seconds_per_example']:.1f} s per example against ours "
+                   f"{ours['seconds_per_example']:.1f} s ({speedup:.2f}x), the same codes for {same} of "
+                   f"{compiled['examples']} examples. Compiling every level (one graph per level, each batch padded "
+                   f"to `search.max_batch`) with a first example took "
+                   f"{compiled['compile_and_first_example_seconds']:.0f} s (wall), about {compiling:.0f} s more than "
+                   f"searching that example; {verdict}.\n")
+        targets.append(("search.compile pays over a 400-example round",
+                        f"{speedup:.2f}x per example, {compiling:.0f} s to compile",
+                        saved > 0 and 400 * saved > compiling))
     if roof:
         level, (cin, cout, h, w) = roof["level"], roof["shape"]
         out.append(f"Roofline (phase `roofline`): one plain 3x3 convolution {cin} -> {cout} channels at {h}x{w}, "
@@ -594,7 +626,7 @@ def render(report: dict) -> str:
                    f"most ({roof['share_of_search_macs']:.0%} of its generator MACs, level {level}) at the batch the "
                    f"search renders that level in: **{roof['gmac_per_second']:.0f} GMAC/s** (best of its repeats). "
                    "GMAC/s overall counts the generator's MACs only (not LPIPS), over the whole search's time.\n")
-        ours = ladder[-1] if all(ladder) else None
+        ours = _find(searches, task=first, mode=OURS, examples=1)
         if ours and not roof["native_bf16"]:
             rate = ours["generator_gmac_per_example"] / ours["seconds_per_example"]
             targets.append(("search without native bf16: within 15% of the float32 roofline",

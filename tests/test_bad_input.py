@@ -293,13 +293,14 @@ def test_a_dark_sixteen_bit_image_is_not_read_as_an_eight_bit_one(tmp_path):
     torch.testing.assert_close(image[0, 0], torch.from_numpy(values[0] / 65535).float(), atol=0.5 / 255, rtol=0)
 
 
-def test_compile_without_a_cpp_compiler_is_refused_before_the_run_is_made(tmp_path, monkeypatch):
+@pytest.mark.parametrize("setting", ["train.compile", "search.compile"])
+def test_compile_without_a_cpp_compiler_is_refused_before_the_run_is_made(tmp_path, monkeypatch, setting):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(train_module.shutil, "which", lambda name: None)
     out = tmp_path / "run"
-    with pytest.raises(ConfigError, match=r"train.compile=true: torch.compile needs a C\+\+ compiler .* install one "
-                                          r"\(e.g. apt install g\+\+\) or set train.compile=false"):
-        train(tiny_config("super-resolution", "train.compile=true"), out)
+    with pytest.raises(ConfigError, match=rf"{setting}=true: torch.compile needs a C\+\+ compiler .* install one "
+                                          rf"\(e.g. apt install g\+\+\) or set {setting}=false"):
+        train(tiny_config("super-resolution", f"{setting}=true"), out)
     assert not out.exists() or not any(out.iterdir())
     monkeypatch.setenv("CXX", "my-g++")
     seen = []

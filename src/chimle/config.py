@@ -72,6 +72,7 @@ class SearchConfig:
     max_batch: int = 64  # most candidate renders run at once (the memory budget of the search)
     precision: str = "auto"  # candidate renders: auto (bfloat16 where the device has it natively) | float32 | bfloat16
     rescore: int = 4  # with bfloat16: each example's nearest candidates re-judged in float32 at every level
+    compile: bool = False  # torch.compile the candidates' renders: one compile per level for the run (paper: off)
     zero_codes: bool = False  # regression baseline: no search, every code zero (same network, same loss)
     reject_below: list[float] = field(default_factory=list)  # RS-IMLE: per level, candidates nearer than this are rejected; [] or 0 = off (paper: off)
     adaptive: bool = False  # adaptive IMLE: keep an example's code until training has pulled it within its threshold (needs train.examples)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch.profiler import record_function
@@ -168,6 +169,7 @@ def hierarchical_search(
     layout: bool = True,
     rescore: int = 4,
     reject_below: list[float] | None = None,
+    compile: bool = False,
 ) -> SearchResult:
     """Choose each example's code level by level (see module docstring); the result does not depend on max_batch.
 
@@ -180,14 +182,62 @@ def hierarchical_search(
     prefixes (the chosen codes' renders) are float32 too. Whenever the float32 search's winner is among the
     low-precision top `rescore`, the choice is exactly the float32 one (benchmarks/speed.py measures how often).
     `layout=False` keeps the weights' layout (see `channels_last`). `reject_below` (one value, or one per level)
-    turns on rejection sampling (see `reject`)."""
+    turns on rejection sampling (see `reject`). `compile` renders the candidates through torch.compile (see
+    `renderer`)."""
     group = max(1, max_batch // min(pool_sizes))
     rescore = rescore if dtype is not None else 0
     thresholds = per_level(reject_below, len(pool_sizes))
+    render = renderer(generator, distance, task, max_batch, compile, layout)
     with fixed_weights(generator, inputs[0].device, dtype, layout, fold=False):
         result = _in_groups(group, inputs, targets, seeds, lambda x, y, s: _hierarchical_group(
-            generator, distance, task, x, y, s, pool_sizes, max_batch, rescore, thresholds))
+            generator, distance, x, y, s, pool_sizes, max_batch, rescore, thresholds, render))
     return _plain(result)
+
+
+def renderer(generator: Generator, distance: Distance | LPIPS, task: Task, max_batch: int, compile: bool = False,
+             layout: bool = True):
+    """`render(prefix, codes)`: the float32 perceptual features of the candidates `codes` rendered at
+    `prefix.level`. With `compile`, through torch.compile: every batch is padded to `max_batch` rows (copies of its
+    last) and its prefix copied into one memory layout, so that all batches of a level share one shape and one
+    graph serves each level for as long as the process lives (four compiles for the paper's four levels; the
+    weights are the graph's inputs, so training them does not compile again)."""
+    if not compile:
+        def render(prefix: Prefix, codes: torch.Tensor) -> list[torch.Tensor]:
+            with record_function("search.candidates"):
+                raw, _ = generator.render_level(prefix, codes)
+            with record_function("search.candidate_features"):
+                return _features(distance, task.image(raw, prefix.inputs, prefix.level))
+
+        return render
+    compiled, layout_4d = _compiled(), torch.channels_last if layout else torch.contiguous_format
+
+    def render(prefix: Prefix, codes: torch.Tensor) -> list[torch.Tensor]:
+        count = codes.shape[0]
+        rows = torch.arange(max_batch, device=codes.device).clamp(max=count - 1)
+
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            t = t[rows]
+            return t.contiguous(memory_format=layout_4d) if t.ndim == 4 else t.contiguous()
+
+        with record_function("search.candidates"):  # rendering and features in one graph
+            features = compiled(generator, distance, task, prefix.map(padded), padded(codes))
+        return [f[:count] for f in features]
+
+    return render
+
+
+def candidate_features(generator: Generator, distance: Distance | LPIPS, task: Task, prefix: Prefix,
+                       codes: torch.Tensor) -> list[torch.Tensor]:
+    """Render `codes` at `prefix.level` and return the perceptual features of the outputs, in float32 (what
+    `renderer` compiles)."""
+    raw, _ = generator.render_level(prefix, codes)
+    return _features(distance, task.image(raw, prefix.inputs, prefix.level))
+
+
+@cache
+def _compiled():
+    """`candidate_features` through torch.compile (made once: the compiled graphs are kept per function)."""
+    return torch.compile(candidate_features, dynamic=False)
 
 
 def per_level(values: list[float] | None, levels: int) -> list[float]:
@@ -227,20 +277,20 @@ def _in_groups(group: int, inputs, targets, seeds, search) -> SearchResult:
     )
 
 
-def _hierarchical_group(generator, distance, task, inputs, targets, seeds, pool_sizes, max_batch,
-                        rescore, thresholds) -> SearchResult:
+def _hierarchical_group(generator, distance, inputs, targets, seeds, pool_sizes, max_batch, rescore, thresholds,
+                        render) -> SearchResult:
     count = inputs[0].shape[0]
     winners = torch.zeros(count, len(pool_sizes), dtype=torch.long)
     distances = torch.zeros(count, len(pool_sizes))
     prefix = generator.start(inputs)
     for level, size in enumerate(pool_sizes):
         with folded(generator.levels[level]):
-            prefix = _search_level(generator, distance, task, targets, seeds, prefix, size, max_batch, winners,
+            prefix = _search_level(generator, distance, render, targets, seeds, prefix, size, max_batch, winners,
                                    distances, rescore, thresholds[level])
     return SearchResult(seeds.clone(), winners, list(pool_sizes), distances)
 
 
-def _search_level(generator, distance, task, targets, seeds, prefix, size, max_batch, winners, distances,
+def _search_level(generator, distance, render, targets, seeds, prefix, size, max_batch, winners, distances,
                   rescore, threshold) -> Prefix:
     """Choose every example's code at `prefix.level` (into `winners`, `distances`); return the next prefix."""
     device, level, count = targets[0].device, prefix.level, prefix.batch
@@ -252,8 +302,7 @@ def _search_level(generator, distance, task, targets, seeds, prefix, size, max_b
     for run in _chunks(count, size, max_batch):
         with record_function("search.draw_codes"):
             codes = pools.codes(run, device)
-        run_scores = _score(generator, distance, task, _candidates_prefix(prefix, run, device), codes,
-                            target_features, run)
+        run_scores = _score(render, distance, _candidates_prefix(prefix, run, device), codes, target_features, run)
         for ex, start, end, rows in _spans(run):
             scores[ex, start:end] = run_scores[rows]
     if not torch.isfinite(scores).all():
@@ -261,7 +310,7 @@ def _search_level(generator, distance, task, targets, seeds, prefix, size, max_b
     with torch.autocast(device.type, enabled=False):  # below, float32 whatever the candidates were rendered in
         scores = reject(scores, threshold)
         if rescore > 0:
-            scores = _rescore(generator, distance, task, targets, seeds, prefix, scores, rescore, max_batch)
+            scores = _rescore(generator, distance, render, targets, seeds, prefix, scores, rescore, max_batch)
             scores = reject(scores, threshold)
         with record_function("search.argmin"):
             best = scores.argmin(dim=1)  # the first of equal candidates wins
@@ -272,7 +321,7 @@ def _search_level(generator, distance, task, targets, seeds, prefix, size, max_b
     return prefix
 
 
-def _rescore(generator, distance, task, targets, seeds, prefix, scores, k, max_batch) -> torch.Tensor:
+def _rescore(generator, distance, render, targets, seeds, prefix, scores, k, max_batch) -> torch.Tensor:
     """`scores` (count, pool size) with each example's k lowest replaced by their float32 distances and every
     other candidate set to +inf, so that the float32 distances alone decide."""
     device, level = targets[0].device, prefix.level
@@ -288,8 +337,7 @@ def _rescore(generator, distance, task, targets, seeds, prefix, scores, k, max_b
             examples = range(first, min(count, first + per_batch))
             run = [(ex, 0, k) for ex in examples]
             codes = torch.cat([pool(int(seeds[ex]), level, size, code_size)[top[ex]] for ex in examples]).to(device)
-            run_scores = _score(generator, distance, task, _candidates_prefix(prefix, run, device), codes,
-                                target_features, run)
+            run_scores = _score(render, distance, _candidates_prefix(prefix, run, device), codes, target_features, run)
             for i, ex in enumerate(examples):
                 exact[ex, top[ex]] = run_scores[i * k : (i + 1) * k]
     return exact
@@ -310,15 +358,11 @@ def _features(distance: Distance | LPIPS, images: torch.Tensor) -> list[torch.Te
     return [f.float() for f in distance.features(images)]
 
 
-def _score(generator: Generator, distance: Distance | LPIPS, task: Task, prefix: Prefix, codes: torch.Tensor,
+def _score(render, distance: Distance | LPIPS, prefix: Prefix, codes: torch.Tensor,
            target_features: list[torch.Tensor], run) -> torch.Tensor:
     """LPIPS distance (on the CPU) of each candidate's output at `prefix.level` to its example's target; `run`
     says which rows belong to which example. Target features are broadcast, never copied per candidate."""
-    level = prefix.level
-    with record_function("search.candidates"):
-        raw, _ = generator.render_level(prefix, codes)
-    with record_function("search.candidate_features"):
-        features = _features(distance, task.image(raw, prefix.inputs, level))
+    features = render(prefix, codes)
     with record_function("search.distance"), torch.autocast(codes.device.type, enabled=False):
         scores = [distance.distance([f[rows] for f in features], [t[ex : ex + 1] for t in target_features])
                   for ex, _, _, rows in _spans(run)]
@@ -337,18 +381,21 @@ def flat_search(
     dtype: torch.dtype | None = None,
     layout: bool = True,
     reject_below: float = 0.0,
+    compile: bool = False,
 ) -> SearchResult:
     """Flat cIMLE: one pool of full codes per example, rendered through every level, judged at the last
-    (with rejection sampling below `reject_below`, see `reject`)."""
+    (with rejection sampling below `reject_below`, see `reject`; `compile` as in `hierarchical_search`, for the
+    last level's renders)."""
     group = max(1, max_batch // pool_size)
+    render = renderer(generator, distance, task, max_batch, compile, layout)
     with fixed_weights(generator, inputs[0].device, dtype, layout):
         result = _in_groups(group, inputs, targets, seeds, lambda x, y, s: _flat_group(
-            generator, distance, task, x, y, s, pool_size, max_batch, reject_below))
+            generator, distance, task, x, y, s, pool_size, max_batch, reject_below, render))
     return _plain(result)
 
 
 def _flat_group(generator, distance, task, inputs, targets, seeds, pool_size, max_batch,
-                threshold) -> SearchResult:
+                threshold, render) -> SearchResult:
     device = inputs[0].device
     count, levels = inputs[0].shape[0], generator.cfg.levels
     code_sizes = generator.code_sizes(generator.start(inputs))
@@ -360,7 +407,7 @@ def _flat_group(generator, distance, task, inputs, targets, seeds, pool_size, ma
         prefix = generator.start([x[examples] for x in inputs])
         for level in range(levels - 1):
             _, prefix = generator.render_level(prefix, pools[level].codes(run, device))
-        run_scores = _score(generator, distance, task, prefix, pools[-1].codes(run, device), target_features, run)
+        run_scores = _score(render, distance, prefix, pools[-1].codes(run, device), target_features, run)
         for ex, start, end, rows in _spans(run):
             scores[ex, start:end] = run_scores[rows]
     scores = reject(scores, threshold)

@@ -126,7 +126,7 @@ def search_round(config: Config, generator: Generator, distance: Distance, batch
 
     def search(x, y, pool_seeds):
         return hierarchical_search(generator, distance, task, x, y, pool_seeds, s.samples_per_level, s.max_batch,
-                                   dtype, rescore=s.rescore, reject_below=s.reject_below)
+                                   dtype, rescore=s.rescore, reject_below=s.reject_below, compile=s.compile)
 
     if s.zero_codes:  # the regression baseline searches nothing; its codes are set to zero in _train_round
         levels = config.model.levels
@@ -135,7 +135,7 @@ def search_round(config: Config, generator: Generator, distance: Distance, batch
     elif s.flat:
         size = s.flat_samples or sum(s.samples_per_level)
         result = flat_search(generator, distance, task, inputs, targets, seeds, size, s.max_batch, dtype,
-                             reject_below=per_level(s.reject_below, config.model.levels)[-1])
+                             reject_below=per_level(s.reject_below, config.model.levels)[-1], compile=s.compile)
     elif adaptive is not None:
         result, due, before = _search_adaptive(config, generator, distance, inputs, targets, seeds,
                                                batch.ids[mine], adaptive, search)
@@ -303,10 +303,11 @@ def train(config: Config | None, out: str | Path, resume: bool = False, device: 
     start = _starting_weights(init, config, state, world)
     t = config.train
     weights_lib.resolve(f"lpips-{t.perceptual}")  # missing LPIPS weights: say so before anything is written
-    if t.compile and device.type == "cpu" and not c_compiler():
-        raise ConfigError("train.compile=true: torch.compile needs a C++ compiler to build its CPU kernels and none "
-                          "was found (looked for $CXX, g++, c++, clang++); install one (e.g. apt install g++) or set "
-                          "train.compile=false")
+    compiling = [name for name, on in (("train.compile", t.compile), ("search.compile", config.search.compile)) if on]
+    if compiling and device.type == "cpu" and not c_compiler():
+        raise ConfigError(f"{' and '.join(f'{n}=true' for n in compiling)}: torch.compile needs a C++ compiler to "
+                          "build its CPU kernels and none was found (looked for $CXX, g++, c++, clang++); install one "
+                          f"(e.g. apt install g++) or set {' and '.join(f'{n}=false' for n in compiling)}")
 
     # Load data.
     dataset = training_set(config)
