@@ -6,6 +6,8 @@
     python scripts/train_builtin.py --task decompression --device cuda     # on one GPU
     python scripts/train_builtin.py --task super-resolution -o train.rounds=400   # longer (also to extend a run)
     python scripts/train_builtin.py --task super-resolution --quick --out /tmp/b  # smoke run: tiny preset, minutes
+    python scripts/train_builtin.py --task super-resolution --out runs/builtin-sr-vgg \
+        --init builtin:super-resolution -o train.perceptual=vgg ...           # fine-tune a model (FINETUNES below)
 
 What it does, each step resumable (a killed run continues with the same command; run again after it finished,
 it scores the model again):
@@ -26,6 +28,11 @@ it scores the model again):
 
 CPU time is this script's process time during training (all threads), added up over the sessions of a resumed
 run, each up to its last checkpoint.
+
+With `--init MODEL` (builtin:TASK, a model file or a run directory) the run starts from those weights, as
+`chimle train --init` does. The starting model's sha256 and, for a built-in one, its record are kept in
+OUT/init.json when the run starts (installing the result replaces builtin:TASK), and go into the new record as
+`init`: the card then says what the model was fine-tuned from, and its training time counts both.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import common  # noqa: E402
 import quality  # noqa: E402
 
-from chimle import __version__, builtin, demo, photoset, tasks  # noqa: E402
+from chimle import __version__, builtin, checkpoint, demo, photoset, tasks  # noqa: E402
 from chimle import train as training  # noqa: E402
 from chimle.checkpoint import atomic_write, load_model, save_model  # noqa: E402
 from chimle.config import Config, load_run, resolve, user_settings  # noqa: E402
@@ -75,6 +82,13 @@ RECIPES: dict[str, dict] = {
     "paired": {"preset": "small", "overrides": ["data.path=NIGHT_PAIRS", "train.rounds=12"]},
     "layout": {"preset": "small", "overrides": ["train.rounds=12"]},  # the built-in photos and label maps
 }
+# Fine-tuning recipes, used instead of RECIPES with `--init`: the task's model trained by its recipe above and
+# installed, then `scripts/train_builtin.py --task TASK --init builtin:TASK --install` (the record keeps both).
+FINETUNES: dict[str, dict] = {
+    "super-resolution": {"preset": "small", "overrides": [
+        "data.path=PHOTOS", "train.ema=0.999", "train.perceptual=vgg", "train.lr=0.001", "train.rounds=12",
+        "train.schedule=stable-decay", "train.decay_rounds=8"]},
+}
 # --------------------------------------------------------------------------------------------------------------
 
 QUICK = {"preset": "tiny", "rounds": 2, "photos": 4}  # --quick: a smoke run of the whole script
@@ -84,9 +98,11 @@ FLOAT16_TOLERANCE = 0.002  # largest change of best-of-8 LPIPS for which the wei
 MODELS, CARDS = REPO / "src" / "chimle" / "assets" / "models", REPO / "docs" / "models"
 
 
-def recipe(task: str, quick: bool) -> tuple[str, list[str]]:
-    """The preset and overrides of `task`'s recipe (for --quick: the tiny preset, QUICK's length)."""
-    preset, overrides = RECIPES[task]["preset"], list(RECIPES[task]["overrides"])
+def recipe(task: str, quick: bool, finetune: bool = False) -> tuple[str, list[str]]:
+    """The preset and overrides of `task`'s recipe, or of its fine-tuning recipe where there is one (for --quick:
+    the tiny preset, QUICK's length)."""
+    chosen = FINETUNES.get(task, RECIPES[task]) if finetune else RECIPES[task]
+    preset, overrides = chosen["preset"], list(chosen["overrides"])
     if quick:
         preset = QUICK["preset"]
         overrides = [o for o in overrides if not o.startswith("train.rounds=")] + [f"train.rounds={QUICK['rounds']}"]
@@ -158,8 +174,10 @@ def train(task: str, args, out: Path) -> tuple[Config, dict, dict]:
         used = json.loads(recipe_file.read_text())
         used["overrides"] += [o for o in args.overrides if _latest(used["overrides"], o) != o]
     else:
-        preset, overrides = recipe(task, args.quick)
+        preset, overrides = recipe(task, args.quick, finetune=args.init is not None)
         used = {"preset": preset, "overrides": [*overrides, *args.overrides]}
+        if args.init:
+            atomic_write(out / "init.json", json.dumps(starting_model(args.init), indent=1).encode())
         config = resolve(task=task, preset=preset, overrides=with_data(used["overrides"], out))
         if args.minutes:
             seconds = round_seconds(config, device)
@@ -180,7 +198,8 @@ def train(task: str, args, out: Path) -> tuple[Config, dict, dict]:
         if args.snapshot_every and step % (args.snapshot_every * steps_per_round) == 0:
             keep_snapshot(out, step, model_file, spent)
 
-    training.train(config, run, resume=config is None, device=str(device), settings=settings, on_save=record_time)
+    training.train(config, run, resume=config is None, device=str(device), settings=settings, on_save=record_time,
+                   init=args.init)
     spent = json.loads(times_file.read_text()) if times_file.is_file() else before
     machine = common.cpu()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -188,6 +207,17 @@ def train(task: str, args, out: Path) -> tuple[Config, dict, dict]:
         "cpu_seconds": spent["cpu_seconds"], "wall_seconds": spent["wall_seconds"],
         "gpu_seconds": spent["wall_seconds"] if gpu else None, "gpu": gpu, "device": device.type,
         "threads": torch.get_num_threads(), "cpu_model": machine["cpu_model"], "cpu_flags": machine["cpu_flags"]}
+
+
+def starting_model(init: str) -> dict:
+    """What a fine-tuning run starts from: the name, the sha256 of its model file and, for a built-in model, the
+    record it was installed with."""
+    path = checkpoint.model_path(builtin.locate(init))
+    found = {"model": str(init), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    record = path.with_suffix(".json")
+    if builtin.is_builtin(init) and record.is_file():
+        found["record"] = json.loads(record.read_text())
+    return found
 
 
 def _latest(overrides: list[str], override: str) -> str | None:
@@ -272,6 +302,8 @@ def write_files(task: str, config: Config, used: dict, scores: dict, precision: 
                  "set": "photos" if "photos" in scores else "builtin"},
         "command": common.command_line(),
     }
+    if (out / "init.json").is_file():
+        record["init"] = json.loads((out / "init.json").read_text())
     atomic_write(out / f"{task}.json", (json.dumps(record, indent=2) + "\n").encode())
     atomic_write(out / f"{task}.md", builtin.card(record).encode())
     return record
@@ -334,6 +366,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--photos", type=int, default=None,
                         help="score on at most this many held-out photos of the open photo set (default: all)")
+    parser.add_argument("--init", default=None, metavar="MODEL",
+                        help="start a new run from these weights (builtin:TASK, a model file or run directory) with "
+                             "the task's fine-tuning recipe (FINETUNES), or its recipe where it has none")
     parser.add_argument("--quick", action="store_true", help="a smoke run: the tiny preset for 2 rounds, 4 photos")
     parser.add_argument("--install", action="store_true",
                         help="copy the model and record into src/chimle/assets/models and the card into docs/models")

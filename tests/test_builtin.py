@@ -265,3 +265,15 @@ def test_card_shows_the_length_a_run_was_extended_or_shortened_to():
     extended["recipe"]["overrides"] = ["data.path=PHOTOS", "train.rounds=150", "train.ema=0.999", "train.rounds=40"]
     text = builtin.card(extended)
     assert "`data.path=PHOTOS`, `train.rounds=40`, `train.ema=0.999`" in text and "rounds=150" not in text
+
+
+def test_card_of_a_fine_tuned_model_says_what_it_started_from():
+    tuned = record()
+    tuned["init"] = {"model": "builtin:super-resolution", "sha256": "cd" * 32, "record": record(ratio=0.84)}
+    tuned["recipe"]["overrides"] = ["data.path=PHOTOS", "train.perceptual=vgg", "train.rounds=16"]
+    tuned["time"]["cpu_seconds"] = 1800.0
+    text = builtin.card(tuned)
+    assert "Fine-tuned from `builtin:super-resolution` (sha256 `cdcdcdcdcdcdcdcd…`)" in text
+    assert "photos best-of-8 / baseline 0.840" in text and "2.00 hours of CPU time" in text
+    assert "Both stages together took 2.50 hours of CPU time" in text and "`train.perceptual=vgg`" in text
+    assert "Fine-tuned" not in builtin.card(record())

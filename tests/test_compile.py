@@ -1,5 +1,6 @@
 """train.compile: the step's forward and backward through torch.compile train the same model as eager
 PyTorch, and a compiled run stopped and resumed reaches the weights of an uninterrupted compiled run.
+search.compile: the compiled search chooses the eager search's codes, with one graph per level.
 
 Marked slow: compiling even the tiny model takes minutes on a 2-core CPU the first time (CI runs it in its
 second step)."""

@@ -3,6 +3,7 @@ and its card (slow: it scores on the held-out tiles with LPIPS-VGG)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -18,9 +19,10 @@ from chimle.config import resolve  # noqa: E402
 from chimle.sample import Model  # noqa: E402
 
 
-@pytest.mark.parametrize("task", list(train_builtin.RECIPES))
-def test_every_recipe_is_a_valid_config(task, tmp_path):
-    preset, overrides = train_builtin.recipe(task, quick=False)
+@pytest.mark.parametrize("task, finetune", [*((t, False) for t in train_builtin.RECIPES),
+                                            *((t, True) for t in train_builtin.FINETUNES)])
+def test_every_recipe_is_a_valid_config(task, finetune, tmp_path):
+    preset, overrides = train_builtin.recipe(task, quick=False, finetune=finetune)
     folders = [o.replace("=PHOTOS", f"={tmp_path}").replace("=NIGHT_PAIRS", f"={tmp_path}") for o in overrides]
     config = resolve(task=task, preset=preset, overrides=folders)
     assert config.task == task and config.train.rounds > 0  # a length in rounds, not passes
@@ -45,3 +47,12 @@ def test_a_quick_run_writes_the_model_its_record_and_card(tmp_path):
     model = Model.load(tmp_path / "super-resolution.safetensors", "cpu")
     assert all(p.dtype == torch.float32 for p in model.generator.parameters())
     assert (tmp_path / "super-resolution.md").read_text() == builtin.card(record)
+    # Fine-tuning it: a new run from its weights, whose record says what it started from.
+    tuned_out = tmp_path / "tuned"
+    tuned = train_builtin.main(["--task", "super-resolution", "--quick", "--photos", "0", "--out", str(tuned_out),
+                                "--init", str(tmp_path / "super-resolution.safetensors")])
+    started = (tmp_path / "super-resolution.safetensors").read_bytes()
+    assert tuned["init"] == {"model": str(tmp_path / "super-resolution.safetensors"),
+                             "sha256": hashlib.sha256(started).hexdigest()}
+    assert "started from the weights of" in (tuned_out / "run" / "log.txt").read_text()
+    assert "Fine-tuned from" in (tuned_out / "super-resolution.md").read_text()

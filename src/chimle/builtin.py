@@ -204,7 +204,7 @@ def _recipe_section(record: dict) -> list[str]:
     recipe, time = record.get("recipe") or {}, record.get("time") or {}
     overrides = ", ".join(f"`{o}`" for o in effective(recipe.get("overrides", []))) or "no overrides"
     gpu = f"{_hours(time['gpu_seconds'])} on {time.get('gpu')}" if time.get("gpu_seconds") else "no GPU"
-    return ["## Recipe and cost", "",
+    return ["## Recipe and cost", "", *_init_lines(record.get("init"), time),
             f"Preset `{recipe.get('preset')}` with {overrides}{_placeholders(recipe.get('overrides', []))}: "
             f"{recipe.get('rounds')} rounds, {recipe.get('steps'):,} optimisation steps, "
             f"{recipe.get('examples_searched'):,} examples searched. The model file holds the whole resolved "
@@ -213,6 +213,26 @@ def _recipe_section(record: dict) -> list[str]:
             f"wall time; {gpu}) on {time.get('cpu_model')} with {time.get('threads')} thread(s), device "
             f"`{time.get('device')}`.", "",
             f"Made by: `{record.get('command')}`", ""]
+
+
+def _init_lines(init: dict | None, time: dict) -> list[str]:
+    """What a fine-tuned model started from: the model, and (for a built-in one) how that model was made."""
+    if not init:
+        return []
+    line = f"Fine-tuned from `{init['model']}` (sha256 `{init['sha256'][:16]}…`)"
+    parent = init.get("record")
+    if not parent:
+        return [line + "; the fine-tuning below.", ""]
+    before, recipe = parent.get("time") or {}, parent.get("recipe") or {}
+    total = before.get("cpu_seconds", 0) + time.get("cpu_seconds", 0)
+    overrides = ", ".join(f"`{o}`" for o in effective(recipe.get("overrides", []))) or "no overrides"
+    sets = (parent.get("heldout") or {}).get("sets") or {}
+    numbers = "; ".join(f"{name} best-of-8 / baseline {s['ratio_best']:.3f}" for name, s in sets.items()
+                        if s.get("ratio_best") is not None)
+    return [f"{line}, which was trained with preset `{recipe.get('preset')}` and {overrides}: {recipe.get('rounds')} "
+            f"rounds, {recipe.get('steps', 0):,} steps, {_hours(before.get('cpu_seconds', 0))} of CPU time "
+            f"({numbers or 'not scored'}; made by `{parent.get('command')}`). Both stages together took "
+            f"{_hours(total)} of CPU time. The fine-tuning:", ""]
 
 
 def effective(overrides: list[str]) -> list[str]:
