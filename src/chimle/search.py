@@ -17,7 +17,7 @@ lower levels are rendered once per example, not once per mini-batch of candidate
 examples share a batch (up to `max_batch` renders); target features are computed once per example and level
 and compared with each candidate without being copied; distances are exact (no random projection, no
 approximate index); and every render runs `fixed_weights`: weight normalisation folded into plain weights,
-channels-last tensors, inference mode, optionally bfloat16 autocast.
+channels-last tensors, inference mode, optionally bfloat16 autocast, optionally torch.compile (`renderer`).
 """
 
 from __future__ import annotations
@@ -199,8 +199,9 @@ def renderer(generator: Generator, distance: Distance | LPIPS, task: Task, max_b
     """`render(prefix, codes)`: the float32 perceptual features of the candidates `codes` rendered at
     `prefix.level`. With `compile`, through torch.compile: every batch is padded to `max_batch` rows (copies of its
     last) and its prefix copied into one memory layout, so that all batches of a level share one shape and one
-    graph serves each level for as long as the process lives (four compiles for the paper's four levels; the
-    weights are the graph's inputs, so training them does not compile again)."""
+    graph serves each level for as long as the process lives (four compiles for the paper's four levels, eight
+    with bfloat16 and its float32 re-scoring; the weights are the graph's inputs, so training them does not
+    compile again)."""
     if not compile:
         def render(prefix: Prefix, codes: torch.Tensor) -> list[torch.Tensor]:
             with record_function("search.candidates"):
