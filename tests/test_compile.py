@@ -10,8 +10,12 @@ import torch
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
+from chimle.generator import Generator
+from chimle.perceptual import LPIPS
+from chimle.search import flat_search, hierarchical_search
+from chimle.tasks import get, pyramid
 from chimle.train import c_compiler, train
-from conftest import tiny_config
+from conftest import randomize, tiny_config
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(c_compiler() is None, reason="torch.compile needs a C++ compiler on a CPU")]
@@ -46,12 +50,6 @@ def test_compiled_step_trains_the_eager_model_and_resumes_exactly(tmp_path):
 
 
 def test_compiled_search_chooses_the_eager_winners_with_one_graph_per_level():
-    from chimle.generator import Generator
-    from chimle.perceptual import LPIPS
-    from chimle.search import flat_search, hierarchical_search
-    from chimle.tasks import get, pyramid
-    from conftest import randomize
-
     cfg = tiny_config("super-resolution", "model.levels=3", "model.channels=[8,8,8]", "model.growth=[8,8,8]",
                       "search.samples_per_level=[9,7,5]")
     g = randomize(Generator(cfg.model), 5).eval().requires_grad_(False)

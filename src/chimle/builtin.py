@@ -202,7 +202,7 @@ def _data_section(data: dict) -> list[str]:
 
 def _recipe_section(record: dict) -> list[str]:
     recipe, time = record.get("recipe") or {}, record.get("time") or {}
-    overrides = ", ".join(f"`{o}`" for o in effective(recipe.get("overrides", []))) or "no overrides"
+    overrides = _overrides(recipe)
     gpu = f"{_hours(time['gpu_seconds'])} on {time.get('gpu')}" if time.get("gpu_seconds") else "no GPU"
     return ["## Recipe and cost", "", *_init_lines(record.get("init"), time),
             f"Preset `{recipe.get('preset')}` with {overrides}{_placeholders(recipe.get('overrides', []))}: "
@@ -225,14 +225,18 @@ def _init_lines(init: dict | None, time: dict) -> list[str]:
         return [line + "; the fine-tuning below.", ""]
     before, recipe = parent.get("time") or {}, parent.get("recipe") or {}
     total = before.get("cpu_seconds", 0) + time.get("cpu_seconds", 0)
-    overrides = ", ".join(f"`{o}`" for o in effective(recipe.get("overrides", []))) or "no overrides"
     sets = (parent.get("heldout") or {}).get("sets") or {}
     numbers = "; ".join(f"{name} best-of-8 / baseline {s['ratio_best']:.3f}" for name, s in sets.items()
                         if s.get("ratio_best") is not None)
-    return [f"{line}, which was trained with preset `{recipe.get('preset')}` and {overrides}: {recipe.get('rounds')} "
+    return [f"{line}, which was trained with preset `{recipe.get('preset')}` and {_overrides(recipe)}: {recipe.get('rounds')} "
             f"rounds, {recipe.get('steps', 0):,} steps, {_hours(before.get('cpu_seconds', 0))} of CPU time "
             f"({numbers or 'not scored'}; made by `{parent.get('command')}`). Both stages together took "
             f"{_hours(total)} of CPU time. The fine-tuning:", ""]
+
+
+def _overrides(recipe: dict) -> str:
+    """A recipe's effective overrides as a list in prose."""
+    return ", ".join(f"`{o}`" for o in effective(recipe.get("overrides", []))) or "no overrides"
 
 
 def effective(overrides: list[str]) -> list[str]:
