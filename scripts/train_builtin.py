@@ -88,6 +88,9 @@ FINETUNES: dict[str, dict] = {
     "super-resolution": {"preset": "small", "overrides": [
         "data.path=PHOTOS", "train.ema=0.999", "train.perceptual=vgg", "train.lr=0.001", "train.rounds=12",
         "train.schedule=stable-decay", "train.decay_rounds=8"]},
+    "decompression": {"preset": "small", "overrides": [
+        "data.path=PHOTOS", "train.ema=0.999", "train.perceptual=vgg", "train.lr=0.001", "train.rounds=12",
+        "train.schedule=stable-decay", "train.decay_rounds=8"]},
 }
 # --------------------------------------------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import modes  # noqa: E402
 
+GPU_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
 
 @pytest.fixture
 def grey():
@@ -220,3 +222,43 @@ def test_speed_report_says_whether_the_compiled_search_pays():
 
     compiled["seconds_per_example"] = 1.1 * ours["seconds_per_example"]
     assert "it does not pay: the compiled search is no faster" in speed.render(report)
+
+
+def test_gpu_report_keeps_what_each_phase_measured_and_names_a_failed_phase():
+    import gpu
+
+    report = {"date": "2026-01-01", "command": "python benchmarks/gpu.py", "device_name": "GPU", "torch": "2",
+              "model": {"parameters": 210_622_936}, "quick": False, "crop": 256, "peak_tflops": 790.0, "minutes": 5.0,
+              "failed": {"train": "Traceback (most recent call last):\n  ...\ntorch.OutOfMemoryError: CUDA out of memory"},
+              "tests": {"returncode": 1, "seconds": 90.0, "measured": {"sample": {"max_pixel_difference": 2e-6}},
+                        "tests": [{"name": "test_sampling", "seconds": 3.0, "outcome": "passed", "message": ""},
+                                  {"name": "test_resume", "seconds": 9.0, "outcome": "failure", "message": "bound"}]},
+              "peak": {"n": 8192, "tflops": 780.0},
+              "search": {"examples": 16, "pools": [200, 200, 20, 10], "max_batch": 400, "generator_gmac_per_example": 1,
+                         "lpips_gmac_per_example": 1, "runs": {
+                             name: {"seconds": 2.0, "examples_per_second": 8.0, "tflops": tflops, "utilisation": tflops / 790,
+                                    "utilisation_of_measured_peak": tflops / 780, "winners_equal_float32": [1.0, 0.9]}
+                             for name, tflops in zip(gpu.SEARCH_ROWS, (395.0, 60.0, 420.0))}},
+              "sample": {"images": 512, "batch": 64, "output_px": 256, "images_per_second": {"as shipped": 80.0, "bf16": 120.0}}}
+    text = gpu.render(report)
+    assert "**Phase `train` failed**: `torch.OutOfMemoryError: CUDA out of memory`" in text
+    assert "1 passed, 1 failed" in text and "| test_resume | failure: bound |" in text
+    assert '"max_pixel_difference": 2e-06' in text
+    assert "| search utilisation (bf16) >= 40% | 50.0% | yes |" in text  # the first row: chimle's default
+    assert "| sampling at 256 px >= 100 images/s | 120.0 | yes |" in text
+    assert "| `pytest -m cuda` passes | exit status 1 | **no** |" in text
+    assert "## Training step" not in text  # the failed phase has no table
+
+
+def test_gpu_script_rehearses_on_the_cpu(tmp_path):
+    """benchmarks/gpu.py at toy sizes on the CPU, without its checks (CI rehearses those: test_cuda.py) and the
+    compile phase (minutes)."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(GPU_SCRIPT),
+                             "--device", "cpu", "--quick", "--skip", "tests,compile", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert not report["failed"], report["failed"]
+    assert {"peak", "search", "sample", "train"} <= report.keys()
