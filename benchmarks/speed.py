@@ -2,8 +2,9 @@
 that does the official implementation's work (chimle.naive), with the speed levers measured one by one.
 
     python benchmarks/speed.py --quick                 # a rehearsal: 1 RRDB per level instead of 6, pools 40/40/20/10
-    python benchmarks/speed.py                         # the full report (about an hour on an idle 2-core CPU)
-    python benchmarks/speed.py --examples 8 --naive-examples 1 --bf16-examples 8   # the committed report
+    python benchmarks/speed.py                         # the full report (about 1.5 h on an idle 2-core CPU)
+    python benchmarks/speed.py --examples 4 --naive-examples 1 --bf16-examples 4 --tasks super-resolution --skip memory --no-compile
+                                                       # the committed report (21 min)
     python benchmarks/speed.py --device cuda           # one GPU
     python benchmarks/speed.py --tasks super-resolution --skip levers,bf16 --resume   # finish an interrupted run
 

@@ -208,14 +208,15 @@ def test_speed_report_says_whether_the_compiled_search_pays():
     import speed
 
     report = json.loads((Path(speed.__file__).parent / "results" / "speed.json").read_text())
-    ours = next(r for r in report["results"] if r.get("mode") == speed.OURS and r["examples"] == 8
-                and r["task"] == "super-resolution")
+    ours = max((r for r in report["results"] if r.get("mode") == speed.OURS and r["task"] == "super-resolution"),
+               key=lambda r: r["examples"])
+    n = ours["examples"]
     compiled = {**ours, "mode": speed.COMPILED, "seconds_per_example": 0.8 * ours["seconds_per_example"],
                 "compile_and_first_example_seconds": 0.8 * ours["seconds_per_example"] + 300.0}
     report["results"].append(compiled)
     text = speed.render(report)
-    assert "**The search through torch.compile** (`search.compile=true`; super-resolution, 8 examples)" in text
-    assert "(1.25x), the same codes for 8 of 8 examples" in text and "about 300 s more than searching" in text
+    assert f"**The search through torch.compile** (`search.compile=true`; super-resolution, {n} examples)" in text
+    assert f"(1.25x), the same codes for {n} of {n} examples" in text and "about 300 s more than searching" in text
     saved = 0.2 * ours["seconds_per_example"]
     assert f"it pays after {300 / saved:.0f} examples" in text
     assert "| search.compile pays over a 400-example round | 1.25x per example, 300 s to compile | yes |" in text
