@@ -313,7 +313,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=480, help="seconds the whole run should take (default 480)")
     parser.add_argument("--compile-reserve", type=float, default=180,
                         help="seconds of the budget the compile phase needs left to start (default 180)")
-    parser.add_argument("--tests-timeout", type=float, default=240, help="seconds for the checks (default 240)")
+    parser.add_argument("--tests-timeout", type=float, default=300, help="seconds for the checks (default 300)")
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args()
     device = torch.device(args.device)

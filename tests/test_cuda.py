@@ -89,7 +89,7 @@ def test_search_picks_the_cpus_winners(model):
     if model == "builtin":
         m = load("builtin:super-resolution", device="cpu")
         generator, config = m.generator, m.config
-        count, pools = (40 if DEVICE.type == "cuda" else 6), [32, 32, 16, 8]
+        count, pools = (24 if DEVICE.type == "cuda" else 6), [32, 32, 16, 8]
     else:
         config = tiny_config("super-resolution")
         generator, count, pools = randomize(Generator(config.model)), 8, [16, 12]
