@@ -94,7 +94,7 @@ def reset_peak(device: torch.device) -> None:
 # Phases ---------------------------------------------------------------------------------------------------------
 
 
-def phase_tests(config, device, args) -> dict:
+def phase_tests(config, device, args, report) -> dict:
     """`pytest -m cuda` in a child process; per test its outcome and time, and what the checks measured."""
     with tempfile.TemporaryDirectory() as work:
         junit, measured = Path(work) / "junit.xml", Path(work) / "measured.json"
@@ -119,7 +119,7 @@ def phase_tests(config, device, args) -> dict:
                 "output_tail": output[-3000:]}
 
 
-def phase_peak(config, device, args) -> dict:
+def phase_peak(config, device, args, report) -> dict:
     """Dense bf16 TFLOP/s of a square matrix product (random data, mean of 10 after 3 warm-ups)."""
     n = 256 if args.quick else 8192
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
@@ -338,8 +338,8 @@ def main() -> None:
               "torch": torch.__version__, "cuda": torch.version.cuda, "crop": crop, "peak_tflops": args.peak_tflops,
               "model": {"parameters": speed.count_parameters(speed.Generator(config.model))}, "failed": {},
               "skipped": sorted(skip)}
-    functions = {"tests": lambda c, d, a, r: phase_tests(c, d, a), "peak": lambda c, d, a, r: phase_peak(c, d, a),
-                 "search": phase_search, "sample": phase_sample, "train": phase_train, "compile": phase_compile}
+    functions = {"tests": phase_tests, "peak": phase_peak, "search": phase_search, "sample": phase_sample,
+                 "train": phase_train, "compile": phase_compile}  # each (config, device, args, report so far)
     for name in PHASES:
         if name in skip:
             continue

@@ -1,9 +1,13 @@
-"""Shared helpers for the tests: tiny models and deterministic random inputs."""
+"""Shared helpers for the tests: tiny models, deterministic random inputs, comparing two training runs."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from chimle.config import resolve
 from chimle.generator import Generator
@@ -25,3 +29,36 @@ def randomize(generator: Generator, seed: int = 0) -> Generator:
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+def model_vector(run: Path) -> torch.Tensor:
+    """A run's model weights as one float32 vector (tensors in name order)."""
+    return _vector(load_file(str(run / "model.safetensors")))
+
+
+def _vector(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([state[k].flatten().float() for k in sorted(state)])
+
+
+def weight_agreement(a: Path, b: Path) -> tuple[float, float]:
+    """How close two runs' weights are (the same tensors by name): the fraction of elements within rtol 1e-4,
+    atol 1e-6, and the largest difference. Runs equal up to float rounding agree on nearly all elements, and
+    differ by at most lr per step elsewhere: Adam divides each gradient by its running RMS, so an element whose
+    gradient is itself at rounding level may move by up to lr per step either way."""
+    sa, sb = (load_file(str(run / "model.safetensors")) for run in (a, b))
+    assert sa.keys() == sb.keys()
+    wa, wb = _vector(sa), _vector(sb)
+    return torch.isclose(wb, wa, rtol=1e-4, atol=1e-6).float().mean().item(), (wa - wb).abs().max().item()
+
+
+def metric_records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_searches_and_losses(a: Path, b: Path) -> None:
+    """The two runs logged the same events at the same steps, with search distances and losses per level equal
+    up to float rounding."""
+    for x, y in zip(metric_records(a), metric_records(b)):
+        assert x["event"] == y["event"] and x["step"] == y["step"]
+        key = "distance_per_level" if x["event"] == "search" else "loss_per_level"
+        torch.testing.assert_close(torch.tensor(y[key]), torch.tensor(x[key]), rtol=1e-4, atol=1e-5)

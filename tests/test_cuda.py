@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from chimle import files, tasks
 from chimle.checkpoint import load_state
@@ -38,7 +37,7 @@ from chimle.perceptual import LPIPS
 from chimle.sample import load
 from chimle.search import hierarchical_search
 from chimle.train import train
-from conftest import randomize, tiny_config
+from conftest import assert_same_searches_and_losses, randomize, tiny_config, weight_agreement
 
 DEVICE = torch.device(os.environ.get("CHIMLE_TEST_DEVICE", "cuda"))
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(
@@ -123,24 +122,11 @@ def test_sampling_gives_the_cpus_pixels():
     torch.testing.assert_close(batched, b, rtol=0, atol=1e-3)
 
 
-def weights(run: Path) -> torch.Tensor:
-    state = load_file(str(run / "model.safetensors"))
-    return torch.cat([state[k].flatten().float() for k in sorted(state)])
-
-
 def assert_close_weights(a: Path, b: Path, name: str, steps: int) -> None:
-    """Weights equal to float rounding. Adam divides each gradient by its running RMS, so an element whose
-    gradient is itself at rounding level may move by up to lr per step either way: nearly all elements agree
-    tightly, and none is further apart than those steps allow."""
-    wa, wb = weights(a), weights(b)
-    tight = torch.isclose(wb, wa, rtol=1e-4, atol=1e-6).float().mean().item()
-    largest = (wa - wb).abs().max().item()
+    """Weights equal to float rounding (see weight_agreement), what they measured recorded under `name`."""
+    tight, largest = weight_agreement(a, b)
     record(name, {"fraction_within_1e-4": tight, "max_weight_difference": largest, "bound": steps * LR})
     assert tight > 0.995 and largest < steps * LR, (tight, largest)
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -156,11 +142,7 @@ def test_training_picks_the_cpus_codes_and_reaches_its_weights(on_gpu, tmp_path)
     a, b = (load_state(run / "state-000000004.pt")["search"] for run in (cpu, on_gpu))
     assert torch.equal(a["seeds"], b["seeds"]) and torch.equal(a["winners"], b["winners"])
     assert_close_weights(cpu, on_gpu, "train", steps=6)
-    for x, y in zip(records(cpu), records(on_gpu)):
-        assert x["event"] == y["event"] and x["step"] == y["step"]
-        key = "distance_per_level" if x["event"] == "search" else "loss_per_level"
-        if key in x:
-            torch.testing.assert_close(torch.tensor(y[key]), torch.tensor(x[key]), rtol=1e-4, atol=1e-5)
+    assert_same_searches_and_losses(cpu, on_gpu)
 
 
 def chimle_train(out: Path, *extra: str, crash_at: str = "", launcher: list[str] | None = None):
