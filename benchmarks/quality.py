@@ -136,10 +136,11 @@ def photo_set(split: str) -> Path:
 
 
 @torch.no_grad()
-def score(model_file: Path, sets: dict, full: bool, lpips: LPIPS, inception=None) -> dict:
+def score(model_file: Path, sets: dict, full: bool, lpips: LPIPS, inception=None, seed: int = 0) -> dict:
     """The numbers of one model on every held-out set, means over its tiles: best-of-8 and mean LPIPS, the
     baseline's LPIPS and the ratios to it (ratio of the means; none for layouts, which have no baseline), diversity,
-    consistency with the input, and KID, precision, recall and coverage if `full`."""
+    consistency with the input, and KID, precision, recall and coverage if `full`. The samples are drawn with
+    sampling seed `seed`."""
     from chimle.sample import Model
 
     model = Model.load(model_file, device="cpu")
@@ -147,7 +148,7 @@ def score(model_file: Path, sets: dict, full: bool, lpips: LPIPS, inception=None
     for set_name, tiles in sets.items():
         rows, real, fake = [], [], []
         for name, given, target in tiles:
-            scored = score_input(model, given, target, lpips, n=SAMPLES, seed=0)
+            scored = score_input(model, given, target, lpips, n=SAMPLES, seed=seed)
             rows.append(tile_row(scored.numbers))
             if full:
                 real.append(inception(target[None]))

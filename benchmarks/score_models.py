@@ -2,15 +2,19 @@
 scripts/train_builtin.py --snapshot-every keeps.
 
     OMP_NUM_THREADS=1 python benchmarks/score_models.py runs/builtin-sr/snapshots/*.safetensors runs/builtin-sr/run
+    OMP_NUM_THREADS=1 python benchmarks/score_models.py MODEL --photos 60 --seeds 0,1,2   # the sampling spread
 
 For each model (a model file or a run directory): best-of-8 and mean LPIPS-VGG as a ratio to the task's baseline,
 and the diversity, on the demo's 12 held-out tiles (`builtin`) and centre tiles of `--photos` held-out photos of
-the open photo set (`photos`), one line each (quality.heldout_sets and quality.score).
+the open photo set (`photos`), one line each (quality.heldout_sets and quality.score). With several `--seeds`
+(sampling seeds; the built-in models' records use seed 0), one line per seed and then the mean and standard
+deviation over them: how far a model's numbers move with the luck of its 8 samples.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -26,14 +30,30 @@ def main() -> None:
     parser.add_argument("models", nargs="+", type=Path, help="model files or run directories")
     parser.add_argument("--photos", type=int, default=30, help="held-out photos of the open photo set (default 30, "
                         "as benchmarks/quality.py)")
+    parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0],
+                        help="sampling seeds, e.g. 0,1,2 (default 0)")
     args = parser.parse_args()
     lpips = LPIPS("vgg")
     for model in args.models:
         sets = quality.heldout_sets(read_config(model), args.photos)
-        scores = quality.score(model, sets, False, lpips)
-        print(f"{model}: " + "; ".join(f"{name} best-of-8 / baseline {s['ratio_best']:.3f}, mean / baseline "
-                                       f"{s['ratio_mean']:.3f}, diversity {s['diversity']:.3f}"
-                                       for name, s in scores.items()), flush=True)
+        runs = []
+        for seed in args.seeds:
+            runs.append(quality.score(model, sets, False, lpips, seed=seed))
+            label = f"{model}" + (f" seed {seed}" if len(args.seeds) > 1 else "")
+            print(f"{label}: " + "; ".join(f"{name} best-of-8 / baseline {s['ratio_best']:.3f}, mean / baseline "
+                                           f"{s['ratio_mean']:.3f}, diversity {s['diversity']:.3f}"
+                                           for name, s in runs[-1].items()), flush=True)
+        if len(runs) > 1:
+            print(f"{model} over seeds {','.join(map(str, args.seeds))}: " + "; ".join(
+                f"{name} best-of-8 / baseline {spread([r[name]['ratio_best'] for r in runs])}, mean / baseline "
+                f"{spread([r[name]['ratio_mean'] for r in runs])}" for name in runs[0]), flush=True)
+
+
+def spread(values: list[float]) -> str:
+    """'mean ± standard deviation' of values, to 4 decimals ('-' for a task without a baseline)."""
+    if None in values:
+        return "-"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 if __name__ == "__main__":

@@ -202,6 +202,10 @@ def test_quality_score_averages_tiles_and_gives_ratios_only_where_the_task_has_a
         assert scores["baseline"] is None and scores["ratio_best"] is None and scores["ratio_mean"] is None
     else:
         assert scores["ratio_best"] == pytest.approx(scores["best"] / scores["baseline"])
+    # the sampling seed (benchmarks/score_models.py --seeds) decides the samples, and only it
+    assert quality.score(tmp_path / "model.safetensors", sets, False, LPIPS("alex"), seed=0)["tiles"] == scores
+    assert quality.score(tmp_path / "model.safetensors", sets, False, LPIPS("alex"), seed=1)["tiles"]["best"] != \
+        scores["best"]
 
 
 def test_speed_report_says_whether_the_compiled_search_pays():

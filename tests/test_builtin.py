@@ -277,3 +277,20 @@ def test_card_of_a_fine_tuned_model_says_what_it_started_from():
     assert "photos best-of-8 / baseline 0.840" in text and "2.00 hours of CPU time" in text
     assert "Both stages together took 2.50 hours of CPU time" in text and "`train.perceptual=vgg`" in text
     assert "Fine-tuned" not in builtin.card(record())
+
+
+def test_card_of_a_model_fine_tuned_twice_names_every_stage_and_adds_up_their_time():
+    first = record(ratio=0.84)  # 2 hours
+    second = record(ratio=0.81)
+    second["init"] = {"model": "builtin:super-resolution", "sha256": "ab" * 32, "record": first}
+    second["recipe"]["overrides"] = ["data.path=PHOTOS", "train.perceptual=vgg", "train.rounds=12"]
+    second["time"]["cpu_seconds"] = 3600.0
+    third = record(ratio=0.80)
+    third["init"] = {"model": "builtin:super-resolution", "sha256": "cd" * 32, "record": second}
+    third["recipe"]["overrides"] = ["data.path=PHOTOS", "train.pixel_weight=0.3", "train.rounds=12"]
+    third["time"]["cpu_seconds"] = 1800.0
+    text = builtin.card(third)
+    assert "photos best-of-8 / baseline 0.840" in text and "photos best-of-8 / baseline 0.810" in text
+    assert "`abababababababab…`" in text and "`cdcdcdcdcdcdcdcd…`" in text
+    assert text.index("0.840") < text.index("0.810") < text.index("`train.pixel_weight=0.3`")  # earliest first
+    assert "All 3 stages together took 3.50 hours of CPU time" in text

@@ -216,22 +216,47 @@ def _recipe_section(record: dict) -> list[str]:
 
 
 def _init_lines(init: dict | None, time: dict) -> list[str]:
-    """What a fine-tuned model started from: the model, and (for a built-in one) how that model was made."""
+    """What a fine-tuned model started from: the model and, for a built-in one, how that model was made, stage by
+    stage back to the first (a built-in model's record keeps the record of the model it started from)."""
     if not init:
         return []
     line = f"Fine-tuned from `{init['model']}` (sha256 `{init['sha256'][:16]}…`)"
-    parent = init.get("record")
-    if not parent:
+    if not init.get("record"):
         return [line + "; the fine-tuning below.", ""]
-    before, recipe = parent.get("time") or {}, parent.get("recipe") or {}
-    total = before.get("cpu_seconds", 0) + time.get("cpu_seconds", 0)
-    sets = (parent.get("heldout") or {}).get("sets") or {}
+    links = [init]  # the model each stage started from, the latest first
+    while (links[-1]["record"].get("init") or {}).get("record"):
+        links.append(links[-1]["record"]["init"])
+    links.reverse()
+    stages = [f"{i}. " + _capitalised(_started_from(link["record"].get("init"), i) + _stage(link["record"]))
+              for i, link in enumerate(links, 1)]
+    total = sum((link["record"].get("time") or {}).get("cpu_seconds", 0) for link in links) + time.get("cpu_seconds", 0)
+    together = "Both stages" if len(links) == 1 else f"All {len(links) + 1} stages"
+    return [f"{line}, made in {'this stage' if len(links) == 1 else 'these stages'}:", "", *stages, "",
+            f"{together} together took {_hours(total)} of CPU time. The fine-tuning (stage {len(links) + 1}):", ""]
+
+
+def _started_from(init: dict | None, stage: int) -> str:
+    """How a stage of a fine-tuned model's history began: from scratch, or from the stage before it (or a model
+    file, for the first)."""
+    if not init:
+        return ""
+    source = f"stage {stage - 1}" if stage > 1 else f"`{init['model']}`"
+    return f"Fine-tuned from {source} (sha256 `{init['sha256'][:16]}…`): "
+
+
+def _capitalised(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _stage(record: dict) -> str:
+    """One stage of a model's history, from its record: recipe, length, CPU time, held-out numbers, command."""
+    recipe, spent = record.get("recipe") or {}, record.get("time") or {}
+    sets = (record.get("heldout") or {}).get("sets") or {}
     numbers = "; ".join(f"{name} best-of-8 / baseline {s['ratio_best']:.3f}" for name, s in sets.items()
                         if s.get("ratio_best") is not None)
-    return [f"{line}, which was trained with preset `{recipe.get('preset')}` and {_overrides(recipe)}: {recipe.get('rounds')} "
-            f"rounds, {recipe.get('steps', 0):,} steps, {_hours(before.get('cpu_seconds', 0))} of CPU time "
-            f"({numbers or 'not scored'}; made by `{parent.get('command')}`). Both stages together took "
-            f"{_hours(total)} of CPU time. The fine-tuning:", ""]
+    return (f"preset `{recipe.get('preset')}` with {_overrides(recipe)}: {recipe.get('rounds')} rounds, "
+            f"{recipe.get('steps', 0):,} steps, {_hours(spent.get('cpu_seconds', 0))} of CPU time "
+            f"({numbers or 'not scored'}; made by `{record.get('command')}`).")
 
 
 def _overrides(recipe: dict) -> str:
