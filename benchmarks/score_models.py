@@ -40,13 +40,18 @@ def main() -> None:
         for seed in args.seeds:
             runs.append(quality.score(model, sets, False, lpips, seed=seed))
             label = f"{model}" + (f" seed {seed}" if len(args.seeds) > 1 else "")
-            print(f"{label}: " + "; ".join(f"{name} best-of-8 / baseline {s['ratio_best']:.3f}, mean / baseline "
-                                           f"{s['ratio_mean']:.3f}, diversity {s['diversity']:.3f}"
+            print(f"{label}: " + "; ".join(f"{name} best-of-8 / baseline {ratio(s['ratio_best'])}, mean / baseline "
+                                           f"{ratio(s['ratio_mean'])}, diversity {s['diversity']:.3f}"
                                            for name, s in runs[-1].items()), flush=True)
         if len(runs) > 1:
             print(f"{model} over seeds {','.join(map(str, args.seeds))}: " + "; ".join(
                 f"{name} best-of-8 / baseline {spread([r[name]['ratio_best'] for r in runs])}, mean / baseline "
                 f"{spread([r[name]['ratio_mean'] for r in runs])}" for name in runs[0]), flush=True)
+
+
+def ratio(value: float | None) -> str:
+    """A ratio to the baseline, to 3 decimals ('-' for a task without a baseline: layouts)."""
+    return "-" if value is None else f"{value:.3f}"
 
 
 def spread(values: list[float]) -> str:

@@ -267,3 +267,10 @@ def test_gpu_script_rehearses_on_the_cpu(tmp_path):
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert not report["failed"], report["failed"]
     assert {"peak", "search", "sample", "train"} <= report.keys()
+
+
+def test_model_scores_print_a_dash_for_a_task_without_a_baseline_and_a_spread_over_seeds():
+    import score_models
+
+    assert score_models.ratio(None) == "-" and score_models.spread([None, None]) == "-"
+    assert score_models.ratio(0.81234) == "0.812" and score_models.spread([0.80, 0.81]) == "0.8050 ± 0.0071"
