@@ -33,10 +33,11 @@ def rng():
 
 def model_vector(run: Path) -> torch.Tensor:
     """A run's model weights as one float32 vector (tensors in name order)."""
-    return _vector(load_file(str(run / "model.safetensors")))
+    return state_vector(load_file(str(run / "model.safetensors")))
 
 
-def _vector(state: dict[str, torch.Tensor]) -> torch.Tensor:
+def state_vector(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A state dict as one float32 vector (tensors in name order)."""
     return torch.cat([state[k].flatten().float() for k in sorted(state)])
 
 
@@ -47,7 +48,7 @@ def weight_agreement(a: Path, b: Path) -> tuple[float, float]:
     gradient is itself at rounding level may move by up to lr per step either way."""
     sa, sb = (load_file(str(run / "model.safetensors")) for run in (a, b))
     assert sa.keys() == sb.keys()
-    wa, wb = _vector(sa), _vector(sb)
+    wa, wb = state_vector(sa), state_vector(sb)
     return torch.isclose(wb, wa, rtol=1e-4, atol=1e-6).float().mean().item(), (wa - wb).abs().max().item()
 
 

@@ -21,7 +21,8 @@ from chimle.config import ConfigError
 from chimle.distributed import World
 from chimle.generator import Generator
 from chimle.train import _check_world, batch_indices, train
-from conftest import assert_same_searches_and_losses, metric_records, model_vector, tiny_config, weight_agreement
+from conftest import (assert_same_searches_and_losses, metric_records, model_vector, state_vector, tiny_config,
+                      weight_agreement)
 
 SETTINGS = ["train.rounds=2", "train.round_size=4", "train.steps_per_round=3", "train.checkpoint_every=2",
             "train.grid_every=100", "train.log_every=1"]
@@ -181,7 +182,7 @@ def test_two_processes_at_batch_b_match_one_process_at_batch_2b(two, tmp_path):
     tight, largest = weight_agreement(one, two)
     assert tight > 0.995
     assert largest < 6 * 1e-3  # steps x train.lr of the tiny preset
-    initial = torch.cat([w.flatten() for _, w in sorted(_initial().items())])
+    initial = state_vector(_initial())
     assert not torch.isclose(model_vector(one), initial, rtol=1e-4, atol=1e-6).all(), \
         "training should have moved the weights"
 
