@@ -69,6 +69,16 @@ def test_slightly_off_samples_count_and_far_ones_do_not(grey):
     assert score["precision"] == 0.5
 
 
+def test_tint_correction_forgives_an_off_colour_but_not_a_lost_texture(grey):
+    valid = modes.modes_of(grey)
+    off_tint = modes.tint(grey, modes.PALETTE[0] * torch.tensor([0.7, 1.0, 2.0]))  # red, its tint well off
+    flat = modes.tint(torch.full_like(grey, float(grey.mean())), modes.PALETTE[0])  # red, no texture
+    score = modes.score_input(torch.stack([off_tint, flat]), valid, grey[:1])
+    assert score["precision"] == 0
+    assert score["tint_corrected_precision"] == 0.5
+    assert float(modes.tint_corrected(off_tint[None], valid[:1])[0]) < 1e-5
+
+
 def test_structure_falls_when_the_texture_is_lost(grey):
     valid = modes.modes_of(grey)
     flat = valid.mean((2, 3), keepdim=True).expand_as(valid) + 0.01 * torch.randn(valid.shape,
@@ -80,6 +90,30 @@ def test_structure_falls_when_the_texture_is_lost(grey):
 def test_ideal_coverage():
     assert modes.ideal_coverage(4, 1) == pytest.approx(0.25)
     assert modes.ideal_coverage(4, 12) == pytest.approx(1 - 0.75**12)
+
+
+def test_ideal_hits_and_the_chance_a_perfect_sampler_falls_below_a_coverage():
+    assert modes.ideal_hits(2, 1) == [0, 1, 0]
+    assert modes.ideal_hits(2, 2) == pytest.approx([0, 0.5, 0.5])
+    hits = modes.ideal_hits(4, 12)
+    assert sum(hits) == pytest.approx(1)
+    assert sum(j * p for j, p in enumerate(hits)) / 4 == pytest.approx(modes.ideal_coverage(4, 12))
+    # One set of codes for all inputs: below 0.8 whenever a mode is missed, whatever the number of inputs.
+    assert modes.ideal_below(4, 12, 16, 0.8, shared=True) == pytest.approx(1 - hits[4])
+    # Independent inputs: two inputs with a mode missed each (3 + 3 of 8 hits = 0.75) fall below 0.8, one does not.
+    assert modes.ideal_below(4, 12, 2, 0.8, shared=False) == pytest.approx(1 - hits[4] ** 2 - 2 * hits[4] * hits[3])
+    # Against a simulation of the perfect sampler.
+    g = torch.Generator().manual_seed(0)
+    draws = torch.randint(0, 4, (20000, 2, 12), generator=g)
+    covered = torch.stack([(draws == m).any(-1) for m in range(4)], -1).float().mean((-1, -2))
+    assert float((covered < 0.8).float().mean()) == pytest.approx(modes.ideal_below(4, 12, 2, 0.8, False), abs=0.01)
+    assert modes.ideal_below(4, 12, 16, 0.8, shared=False) < 1e-6
+
+
+def test_every_held_out_input_draws_codes_of_its_own():
+    seeds = {modes.sampling_seed(seed, i) for seed in range(6) for i in range(100)}
+    assert len(seeds) == 600
+    assert modes.shared_seed(1) == 1001  # the earlier reports' sampling seed, kept for their comparison
 
 
 def test_training_pairs_show_one_valid_tint_each(tmp_path):
@@ -126,6 +160,7 @@ def test_mode_report_of_some_methods_states_only_their_claims_and_the_extra_sett
     markdown, data = modes.report({"records": [record("hierarchical", s, c) for s, c in ((0, 1.0), (1, 0.75))]},
                                   size, "default", run)
     assert "| hierarchical | 0.875" in markdown
+    assert "| 0.750 | - |" in markdown  # the lowest seed; no shared-codes coverage in a record made before it
     assert "flat" not in markdown.split("## Reading")[0].split("| method |")[1]
     assert "The claims, as measured" not in markdown
     assert "search.samples_per_level=[16,4,4]" in markdown
@@ -274,3 +309,16 @@ def test_model_scores_print_a_dash_for_a_task_without_a_baseline_and_a_spread_ov
 
     assert score_models.ratio(None) == "-" and score_models.spread([None, None]) == "-"
     assert score_models.ratio(0.81234) == "0.812" and score_models.spread([0.80, 0.81]) == "0.8050 ± 0.0071"
+
+
+def test_mode_benchmark_refuses_a_work_folder_holding_a_run_with_other_settings(tmp_path):
+    """Re-scoring reuses finished runs in --work, but only a run of exactly these settings: another run's model
+    would be scored under this report's name."""
+    import common
+
+    cfg = common.config("paired", [*modes.MODEL, *modes.SCHEDULE, *modes.METHODS["hierarchical"], f"data.path={tmp_path}"])
+    (tmp_path / "config.yaml").write_text(common.config("paired", [*modes.MODEL, *modes.SCHEDULE, *modes.METHODS["hierarchical"], "train.lr=0.001",
+                                                                   f"data.path={tmp_path}"]).to_yaml())
+    with pytest.raises(SystemExit, match=r"train.lr: 0.001 there, 0.002 here"):
+        modes.trained(cfg, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # nothing trained, nothing written
