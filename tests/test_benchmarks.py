@@ -312,13 +312,29 @@ def test_model_scores_print_a_dash_for_a_task_without_a_baseline_and_a_spread_ov
 
 
 def test_mode_benchmark_refuses_a_work_folder_holding_a_run_with_other_settings(tmp_path):
-    """Re-scoring reuses finished runs in --work, but only a run of exactly these settings: another run's model
-    would be scored under this report's name."""
+    """Re-scoring reuses finished runs in --work, but only a run of exactly these settings and pairs: another
+    run's model would be scored under this report's name. Where the pairs lie does not matter."""
     import common
 
-    cfg = common.config("paired", [*modes.MODEL, *modes.SCHEDULE, *modes.METHODS["hierarchical"], f"data.path={tmp_path}"])
-    (tmp_path / "config.yaml").write_text(common.config("paired", [*modes.MODEL, *modes.SCHEDULE, *modes.METHODS["hierarchical"], "train.lr=0.001",
-                                                                   f"data.path={tmp_path}"]).to_yaml())
-    with pytest.raises(SystemExit, match=r"train.lr: 0.001 there, 0.002 here"):
-        modes.trained(cfg, tmp_path)
+    def config(*extra):
+        return common.config("paired", [*modes.MODEL, *modes.SCHEDULE, *modes.METHODS["hierarchical"], *extra])
+
+    (tmp_path / "config.yaml").write_text(config("train.lr=0.001", "data.path=elsewhere").to_yaml())
+    with pytest.raises(SystemExit, match=r"train.lr: 0.001 there, 0.002 here") as refused:
+        modes.trained(config(f"data.path={tmp_path}"), tmp_path, 96)
+    assert "data.path" not in str(refused.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # nothing trained, nothing written
+
+    (tmp_path / "config.yaml").write_text(config("data.path=elsewhere").to_yaml())
+    (tmp_path / modes.RUN_FILE).write_text('{"train_images": 384, "seconds": 100.0, "cpu_seconds": 99.0}')
+    with pytest.raises(SystemExit, match=r"training pairs: 384 there, 96 here"):
+        modes.trained(config(f"data.path={tmp_path}"), tmp_path, 96)
+    # A finished run of these settings: its recorded time, no training (there are no data to train on here).
+    assert modes.trained(config(f"data.path={tmp_path}"), tmp_path, 384) == {"seconds": 100.0, "cpu_seconds": 99.0}
+
+
+def test_training_pairs_left_by_a_larger_set_are_removed(tmp_path):
+    modes.write_training_pairs(tmp_path, 5, seed=0)
+    targets, inputs = modes.write_training_pairs(tmp_path, 3, seed=0)
+    assert sorted(p.name for p in targets.iterdir()) == sorted(p.name for p in inputs.iterdir()) == \
+        ["0000.png", "0001.png", "0002.png"]
