@@ -270,6 +270,8 @@ def score_model(model: Model, method: str, size: dict, seed: int, grid_rows: int
     summary = {k: sum(s[k] for s in scores) / len(scores)
                for k in ("coverage", "precision", "tint_corrected_precision", "nearest_distance", "structure")}
     summary["coverage_shared"] = sum(shared) / len(shared)
+    assigned = torch.tensor([s["assigned"] for s in scores]).sum(0)
+    summary["shares"] = (assigned / assigned.sum()).tolist()  # of all samples, nearest to each mode
     return summary, scores, grids
 
 
@@ -345,6 +347,14 @@ def plot(records: list[dict], size: dict, path: Path) -> None:
     sheet = common.stack([common.stack(panels, 1), common.stack(bars, 1)], 2)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
+
+
+def _shares(record: dict) -> str:
+    """The shares of a run's samples nearest each mode (a report from before they were kept: the first input's
+    counts)."""
+    if "shares" not in record:
+        return f"{record['per_input'][0]['assigned']} (first input)"
+    return ", ".join(f"{v:.2f}" for v in record["shares"])
 
 
 def _seconds(stats: dict) -> str:
@@ -440,12 +450,15 @@ def curve_section(records: list[dict], size: dict) -> list[str]:
     lines = ["## Along training", "",
              "The same runs, scored (as above) on the model after each of these rounds. With the benchmark's constant "
              "learning rate, the model after r rounds is the one a run of r rounds would give.", "",
-             "| method | rounds | coverage ↑ | lowest seed | precision ↑ |", "|---|---|---|---|---|"]
+             "| method | rounds | coverage ↑ | lowest seed | precision ↑ | precision, tint corrected |",
+             "|---|---|---|---|---|---|"]
     for m in methods_of(size):
         precision = curve_points(records, m, "precision")
+        corrected = curve_points(records, m, "tint_corrected_precision")
         for rounds, coverage in curve_points(records, m).items():
             lines.append(f"| {m} | {rounds} | {common.pm(common.spread(coverage))} | {min(coverage):.3f} | "
-                         f"{common.pm(common.spread(precision[rounds]))} |")
+                         f"{common.pm(common.spread(precision[rounds]))} | "
+                         f"{common.pm(common.spread(corrected[rounds]))} |")
     return [*lines, ""]
 
 
@@ -502,14 +515,14 @@ def report(result: dict, size: dict, mode: str, run: dict) -> tuple[str, dict]:
         *claims(table, records), *curve_section(records, size), DISCUSSION.format(coarse=POOLS[0], renders=sum(POOLS)),
         "## Per seed", "",
         "| seed | method | coverage | coverage, shared codes | precision | precision, tint corrected | "
-        "RMS to nearest mode | structure | samples per mode (first input) |",
+        "RMS to nearest mode | structure | share of the samples nearest each mode (R, G, B, Y) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         shared, corrected = (f"{r[k]:.3f}" if k in r else "-" for k in ("coverage_shared", "tint_corrected_precision"))
         lines.append(f"| {r['seed']} | {r['method']} | {r['coverage']:.3f} | {shared} | {r['precision']:.3f} | "
                      f"{corrected} | "
-                     f"{r['nearest_distance']:.3f} | {r['structure']:.3f} | {r['per_input'][0]['assigned']} |")
+                     f"{r['nearest_distance']:.3f} | {r['structure']:.3f} | {_shares(r)} |")
     data = {"benchmark": "modes", "mode": mode, **run, "size": size, "palette": PALETTE.tolist(),
             "threshold_fraction": THRESHOLD_FRACTION, "overrides": {"preset": "small", "task": "paired",
                                                                     "common": MODEL + SCHEDULE, "methods": METHODS,

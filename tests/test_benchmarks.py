@@ -161,6 +161,7 @@ def test_mode_report_of_some_methods_states_only_their_claims_and_the_extra_sett
                                   size, "default", run)
     assert "| hierarchical | 0.875" in markdown
     assert "| 0.750 | - |" in markdown  # the lowest seed; no shared-codes coverage in a record made before it
+    assert "[3, 3, 3, 3] (first input)" in markdown  # nor the shares of all samples
     assert "flat" not in markdown.split("## Reading")[0].split("| method |")[1]
     assert "The claims, as measured" not in markdown
     assert "search.samples_per_level=[16,4,4]" in markdown
