@@ -358,7 +358,7 @@ def _shares(record: dict) -> str:
 
 
 def _seconds(stats: dict) -> str:
-    """Mean seconds per run, or a note where no run's training was timed whole (each was finished after a kill)."""
+    """Mean seconds per run, or a note where no run's training was timed whole (see `trained`)."""
     return f"{stats['mean']:.0f}" if stats.get("n") else "not timed"
 
 
@@ -428,7 +428,8 @@ DISCUSSION = """## Reading these numbers
 - The code decides the colour the same way for every input (sample i of every held-out input has the same
   colour), so the code space is shared, not memorised. That is also why each input draws codes of its own: with
   one set of codes for all inputs, a seed's coverage is decided by whether those few codes happen to fall in
-  precise parts of every colour's region, and it swings between about 0.5 and 1.0 for one and the same model.
+  precise parts of every colour's region, a lottery that can land far from the model's mean either way (compare
+  the two coverage columns of the per-seed table).
 - The threshold (a third of the distance between the two closest valid outputs) was fixed before any run and is
   the same for all methods.
 """
