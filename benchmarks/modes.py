@@ -170,7 +170,7 @@ def score_input(samples: torch.Tensor, modes: torch.Tensor, grey: torch.Tensor,
 def tint_corrected(samples: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(N,) RMS difference between each sample, its colour channels scaled by the gains that fit it best to its
     target (least squares, one gain per channel), and that target."""
-    gain = (samples * targets).sum((2, 3), keepdim=True) / (samples * samples).sum((2, 3), keepdim=True).clamp_min(1e-12)
+    gain = (samples * targets).sum((2, 3), keepdim=True) / samples.pow(2).sum((2, 3), keepdim=True).clamp_min(1e-12)
     return (samples * gain - targets).pow(2).flatten(1).mean(1).sqrt()
 
 
@@ -261,10 +261,11 @@ def score_model(model: Model, method: str, size: dict, seed: int, grid_rows: int
     and sample grids of the first `grid_rows` inputs."""
     scores, shared, grids = [], [], []
     for i, grey in enumerate(heldout(size["inputs"])):
+        valid = modes_of(grey)
         samples = draw(model, method, grey, size["samples"], seed=sampling_seed(seed, i))
-        scores.append(score_input(samples, modes_of(grey), grey[:1]))
+        scores.append(score_input(samples, valid, grey[:1]))
         shared.append(score_input(draw(model, method, grey, size["samples"], seed=shared_seed(seed)),
-                                  modes_of(grey), grey[:1])["coverage"])
+                                  valid, grey[:1])["coverage"])
         if i < grid_rows:
             grids.append([grey, *samples[:8]])
     summary = {k: sum(s[k] for s in scores) / len(scores)

@@ -14,11 +14,11 @@ deviation over them: how far a model's numbers move with the luck of its 8 sampl
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 import quality  # noqa: E402
 
 from chimle.checkpoint import read_config  # noqa: E402
@@ -56,9 +56,7 @@ def ratio(value: float | None) -> str:
 
 def spread(values: list[float]) -> str:
     """'mean ± standard deviation' of values, to 4 decimals ('-' for a task without a baseline)."""
-    if None in values:
-        return "-"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+    return "-" if None in values else common.pm(common.spread(values), 4)
 
 
 if __name__ == "__main__":
