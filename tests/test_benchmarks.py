@@ -339,3 +339,27 @@ def test_training_pairs_left_by_a_larger_set_are_removed(tmp_path):
     targets, inputs = modes.write_training_pairs(tmp_path, 3, seed=0)
     assert sorted(p.name for p in targets.iterdir()) == sorted(p.name for p in inputs.iterdir()) == \
         ["0000.png", "0001.png", "0002.png"]
+
+
+def test_quality_report_compares_a_task_without_the_ladder_reference_with_the_preset():
+    """Colourization and decompression ran `small` at the demo's budget, not "small (before)": the report compares
+    their other configurations with `small` rather than leaving the comparison empty."""
+    import quality
+
+    def result(task, config, seed, ratio):
+        numbers = {m: 0.5 for m, _ in quality.COLUMNS} | {"ratio_best": ratio, "baseline": 0.4}
+        return {"task": task, "config": config, "seed": seed, "budget_minutes": 14, "rounds": 21,
+                "train_cpu_seconds": 840.0, "overrides": quality.CONFIGS[config], "final": {"builtin": numbers}}
+
+    results = [result("colourization", "small", s, r) for s, r in enumerate((0.90, 0.91, 0.92))]
+    results += [result("colourization", "+ 126 photos", s, r) for s, r in enumerate((0.80, 0.81, 0.82))]
+    results += [result("super-resolution", "small (before)", s, 1.0) for s in range(3)]
+    results += [result("super-resolution", "small", s, 1.0 + s / 100) for s in range(3)]
+    import common
+
+    text = quality.markdown(quality.summarise(results), common.run_record(common.Stopwatch(), [0.0, 0.0, 0.0]))
+    colour, sr = text.split("## colourization")[1].split("## super-resolution")
+    assert "| best-of-8 vs small |" in colour and "| + 126 photos | 3 | 21 |" in colour
+    assert "-0.100, better |" in colour
+    assert "**small**: the preset as it stands, no overrides" in colour
+    assert "| best-of-8 vs small (before) |" in sr and "+0.010, within the seed spread |" in sr
