@@ -353,8 +353,7 @@ def summarise(results: list[dict]) -> dict:
     table = {}
     for key, configs in out.items():
         table[key] = {}
-        for name, rs in sorted(configs.items(), key=lambda item: list(CONFIGS).index(item[0])
-                               if item[0] in CONFIGS else len(CONFIGS)):
+        for name, rs in sorted(configs.items(), key=lambda item: order(item[0])):
             sets = {s: {m: common.spread([r["final"][s].get(m) for r in rs]) for m, _ in COLUMNS}
                     for s in rs[0]["final"]}
             table[key][name] = {"sets": sets, "seeds": sorted(r["seed"] for r in rs), "rounds": rs[0]["rounds"],
@@ -397,6 +396,11 @@ def markdown(table: dict, run: dict) -> str:
                   for name, row in configs.items() if name != REFERENCE]
         lines += [f"- **{REFERENCE}**: `{' '.join(BEFORE)}`", ""]
     return "\n".join(lines)
+
+
+def order(name: str) -> tuple[int, int]:
+    """Where a configuration's row goes: the references first (see reference_of), then CONFIGS' order."""
+    return (name not in (REFERENCE, "small"), list(CONFIGS).index(name) if name in CONFIGS else len(CONFIGS))
 
 
 def reference_of(configs: dict) -> str | None:

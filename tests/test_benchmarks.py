@@ -360,6 +360,7 @@ def test_quality_report_compares_a_task_without_the_ladder_reference_with_the_pr
     text = quality.markdown(quality.summarise(results), common.run_record(common.Stopwatch(), [0.0, 0.0, 0.0]))
     colour, sr = text.split("## colourization")[1].split("## super-resolution")
     assert "| best-of-8 vs small |" in colour and "| + 126 photos | 3 | 21 |" in colour
+    assert colour.index("| small | 3 |") < colour.index("| + 126 photos | 3 |")  # the reference's row first
     assert "-0.100, better |" in colour
     assert "**small**: the preset as it stands, no overrides" in colour
     assert "| best-of-8 vs small (before) |" in sr and "+0.010, within the seed spread |" in sr
