@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py --quick                                   # smoke run: minutes
     python benchmarks/quality.py --task super-resolution --budget 4        # the ladder at a short budget, 3 seeds
-    python benchmarks/quality.py --task super-resolution --budget 14 --configs "small (before)" small
+    python benchmarks/quality.py --task colourization --budget 14 --configs small "+ 126 photos"  # the demo's budget
     python benchmarks/quality.py --rewrite benchmarks/results/quality.json # only redraw the report
 
 Every configuration is a named list of overrides of the `small` preset (CONFIGS). It trains for a fixed amount
@@ -318,7 +318,9 @@ def slug(name: str) -> str:
 def run(task: str, budget: float, names: list[str], seeds: list[int], jobs: int, work: Path,
         photos: int | None) -> list[dict]:
     """Calibrate, then train and score every (configuration, seed); returns the results."""
-    base = work / slug(task)
+    # Absolute, so that a job's spec (which names its folders) is the same whether --work was given as a relative
+    # or an absolute path: a finished run is recognised, not trained again.
+    base = work.resolve() / slug(task)
 
     def calibration(name):
         return {"kind": "calibrate", "task": task, "config": name, "result": str(base / slug(name) / "calibration.json")}

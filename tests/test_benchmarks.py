@@ -364,3 +364,20 @@ def test_quality_report_compares_a_task_without_the_ladder_reference_with_the_pr
     assert "-0.100, better |" in colour
     assert "**small**: the preset as it stands, no overrides" in colour
     assert "| best-of-8 vs small (before) |" in sr and "+0.010, within the seed spread |" in sr
+
+
+def test_quality_benchmark_recognises_finished_runs_whatever_the_form_of_the_work_path(tmp_path, monkeypatch):
+    """A benchmark run with `--work runs/quality` after one with the absolute path trained every run again (the
+    specs named their folders differently, so no result counted as finished)."""
+    import quality
+
+    calibration = tmp_path / "work" / "decompression" / quality.slug(quality.REFERENCE) / "calibration.json"
+    calibration.parent.mkdir(parents=True)
+    calibration.write_text(json.dumps({"round_seconds": 30.0, "ratio": 1.0}))
+    started = []
+    monkeypatch.setattr(quality, "run_jobs", lambda specs, jobs: started.append(specs))
+    monkeypatch.chdir(tmp_path)
+    for work in (Path("work"), tmp_path / "work"):
+        quality.run("decompression", 1.0, [quality.REFERENCE], [0], 1, work, None)
+    relative, absolute = started[2][0], started[5][0]
+    assert relative == absolute and Path(relative["out"]).is_absolute()
