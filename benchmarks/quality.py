@@ -67,6 +67,9 @@ BEFORE = ["train.init=pytorch", "train.ema=0", "train.schedule=constant", "train
           "train.steps_per_round=60", "search.samples_per_level=[20,20,10,5]", "search.reject_below=[]"]
 PHOTOS = "data.path=photoset:train"  # train on the open photo set's training split instead of the nine built in
 REFERENCE = "small (before)"  # the configuration whose measured round time anchors every budget
+# What a group of runs is compared with, in order of preference: the ladder's reference, else the preset as it stands
+# (a task's runs at the demo's budget may start from the preset rather than the ladder).
+REFERENCES = (REFERENCE, "small")
 CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "small (before)": BEFORE,
     "+ EMA 0.995": [*BEFORE, "train.ema=0.995"],
@@ -402,13 +405,12 @@ def markdown(table: dict, run: dict) -> str:
 
 def order(name: str) -> tuple[int, int]:
     """Where a configuration's row goes: the references first (see reference_of), then CONFIGS' order."""
-    return (name not in (REFERENCE, "small"), list(CONFIGS).index(name) if name in CONFIGS else len(CONFIGS))
+    return (name not in REFERENCES, list(CONFIGS).index(name) if name in CONFIGS else len(CONFIGS))
 
 
 def reference_of(configs: dict) -> str | None:
-    """The configuration a group's others are compared with: REFERENCE, else the preset as it stands ("small"),
-    when the group ran it (a task's runs at the demo's budget may start from the preset rather than the ladder)."""
-    return next((name for name in (REFERENCE, "small") if name in configs), None)
+    """The configuration a group's others are compared with: the first of REFERENCES the group ran."""
+    return next((name for name in REFERENCES if name in configs), None)
 
 
 def verdict(stats: dict, reference: dict | None, is_reference: bool) -> str:

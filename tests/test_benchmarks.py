@@ -344,6 +344,7 @@ def test_training_pairs_left_by_a_larger_set_are_removed(tmp_path):
 def test_quality_report_compares_a_task_without_the_ladder_reference_with_the_preset():
     """Colourization and decompression ran `small` at the demo's budget, not "small (before)": the report compares
     their other configurations with `small` rather than leaving the comparison empty."""
+    import common
     import quality
 
     def result(task, config, seed, ratio):
@@ -355,8 +356,6 @@ def test_quality_report_compares_a_task_without_the_ladder_reference_with_the_pr
     results += [result("colourization", "+ 126 photos", s, r) for s, r in enumerate((0.80, 0.81, 0.82))]
     results += [result("super-resolution", "small (before)", s, 1.0) for s in range(3)]
     results += [result("super-resolution", "small", s, 1.0 + s / 100) for s in range(3)]
-    import common
-
     text = quality.markdown(quality.summarise(results), common.run_record(common.Stopwatch(), [0.0, 0.0, 0.0]))
     colour, sr = text.split("## colourization")[1].split("## super-resolution")
     assert "| best-of-8 vs small |" in colour and "| + 126 photos | 3 | 21 |" in colour
