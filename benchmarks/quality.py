@@ -97,6 +97,12 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
                         "search.adaptive_max_visits=3"],
     "EMA + lr 0.004": [*BEFORE, "train.ema=0.999", "train.lr=0.004"],
     "EMA + 126 photos": [*BEFORE, "train.ema=0.999", PHOTOS],
+    "EMA 0.995 + 126 photos": [*BEFORE, "train.ema=0.995", PHOTOS],
+    "EMA 0.995 + lr 0.004": [*BEFORE, "train.ema=0.995", "train.lr=0.004"],
+    "EMA 0.995 + LPIPS-VGG loss": [*BEFORE, "train.ema=0.995", "train.perceptual=vgg"],
+    "EMA 0.995 + L1 0.5": [*BEFORE, "train.ema=0.995", "train.pixel_weight=0.5"],
+    "EMA 0.995 + 126 photos + lr 0.004": [*BEFORE, "train.ema=0.995", PHOTOS, "train.lr=0.004"],
+    "EMA 0.995 + 126 photos + LPIPS-VGG loss": [*BEFORE, "train.ema=0.995", PHOTOS, "train.perceptual=vgg"],
     "small": [],
 }
 MIN_PHOTOS = manifold.DENSITY_COVERAGE_K + 1  # coverage's k nearest neighbours need k + 1 real images per set

@@ -189,6 +189,16 @@ def test_quality_benchmark_redoes_a_job_whose_result_was_written_for_another_spe
     assert quality.finished(spec)
 
 
+@pytest.mark.parametrize("task", ["super-resolution", "colourization", "decompression"])
+def test_every_quality_configuration_is_a_valid_config_of_every_task(task):
+    """A configuration whose overrides name a setting that does not exist, or a value out of range, fails here
+    rather than in the middle of a two-hour ladder."""
+    import quality
+
+    for name in quality.CONFIGS:
+        assert quality.job_config(task, name).task == task, name
+
+
 def test_mac_count_scales_with_pixels():
     import common
     from chimle.config import resolve
