@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -294,30 +295,45 @@ def finished(spec: dict) -> bool:
         return False
 
 
+def _exit_on_sigterm(signum, frame):
+    """SIGTERM as SystemExit, so that `finally` blocks run (Python's default for it ends the process at once)."""
+    raise SystemExit(128 + signum)
+
+
 def run_jobs(specs: list[dict], jobs: int) -> None:
     """Run the jobs without a finished result, `jobs` one-thread processes at a time."""
     pending = [s for s in specs if not finished(s)]
     running: list[tuple[dict, subprocess.Popen]] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    while pending or running:
-        while pending and len(running) < jobs:
-            spec = pending.pop(0)
-            spec_file = Path(spec["result"]).with_suffix(".spec")
-            spec_file.parent.mkdir(parents=True, exist_ok=True)
-            spec_file.write_text(json.dumps(spec))
-            log = open(spec_file.with_name(Path(spec["result"]).stem + ".log"), "w")
-            running.append((spec, subprocess.Popen([sys.executable, __file__, "--job", str(spec_file)], env=env,
-                                                   stdout=log, stderr=subprocess.STDOUT)))
-            print(f"started {spec['kind']} {spec['config']}" + (f" seed {spec['seed']}" if "seed" in spec else ""),
-                  flush=True)
-        time.sleep(2)
-        for item in list(running):
-            spec, process = item
-            if process.poll() is not None:
-                running.remove(item)
-                status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode}, see its .log)"
-                print(f"{status}: {spec['kind']} {spec['config']}" + (f" seed {spec['seed']}" if "seed" in spec
-                                                                       else ""), flush=True)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                spec = pending.pop(0)
+                spec_file = Path(spec["result"]).with_suffix(".spec")
+                spec_file.parent.mkdir(parents=True, exist_ok=True)
+                spec_file.write_text(json.dumps(spec))
+                log = open(spec_file.with_name(Path(spec["result"]).stem + ".log"), "w")
+                running.append((spec, subprocess.Popen([sys.executable, __file__, "--job", str(spec_file)], env=env,
+                                                       stdout=log, stderr=subprocess.STDOUT)))
+                print(f"started {spec['kind']} {spec['config']}" + (f" seed {spec['seed']}" if "seed" in spec else ""),
+                      flush=True)
+            time.sleep(2)
+            for item in list(running):
+                spec, process = item
+                if process.poll() is not None:
+                    running.remove(item)
+                    status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode}, see its .log)"
+                    print(f"{status}: {spec['kind']} {spec['config']}" + (f" seed {spec['seed']}" if "seed" in spec
+                                                                           else ""), flush=True)
+    finally:
+        # The driver stopping (Ctrl-C, kill, an error) stops its jobs too, rather than leaving one-thread
+        # processes training on; a stopped job's result was never written, so the next run does it again.
+        for _, process in running:
+            process.terminate()
+        for _, process in running:
+            process.wait()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def slug(name: str) -> str:

@@ -199,6 +199,32 @@ def test_every_quality_configuration_is_a_valid_config_of_every_task(task):
         assert quality.job_config(task, name).task == task, name
 
 
+def test_quality_jobs_stop_when_their_driver_stops(tmp_path, monkeypatch):
+    """Stopping the benchmark (Ctrl-C, or a kill of its driver) used to leave its one-thread job processes
+    training on, unseen; they now stop with it, and their results stay unwritten."""
+    import subprocess
+
+    import quality
+
+    started, popen = [], subprocess.Popen
+
+    def job(args, **kwargs):  # a stand-in for a training job: a process that would run for a minute
+        started.append(popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        return started[-1]
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quality.subprocess, "Popen", job)
+    monkeypatch.setattr(quality.time, "sleep", interrupt)
+    specs = [{"kind": "train", "config": "small", "seed": seed, "result": str(tmp_path / f"seed-{seed}.json")}
+             for seed in (0, 1, 2)]
+    with pytest.raises(KeyboardInterrupt):
+        quality.run_jobs(specs, 2)
+    assert len(started) == 2 and all(p.poll() is not None for p in started)
+    assert not any(Path(s["result"]).exists() for s in specs)
+
+
 def test_mac_count_scales_with_pixels():
     import common
     from chimle.config import resolve
