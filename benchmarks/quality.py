@@ -300,6 +300,11 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def label(spec: dict) -> str:
+    """A job as the progress lines name it: "train small seed 0", "calibrate small"."""
+    return f"{spec['kind']} {spec['config']}" + (f" seed {spec['seed']}" if "seed" in spec else "")
+
+
 def run_jobs(specs: list[dict], jobs: int) -> None:
     """Run the jobs without a finished result, `jobs` one-thread processes at a time."""
     pending = [s for s in specs if not finished(s)]
@@ -316,16 +321,14 @@ def run_jobs(specs: list[dict], jobs: int) -> None:
                 log = open(spec_file.with_name(Path(spec["result"]).stem + ".log"), "w")
                 running.append((spec, subprocess.Popen([sys.executable, __file__, "--job", str(spec_file)], env=env,
                                                        stdout=log, stderr=subprocess.STDOUT)))
-                print(f"started {spec['kind']} {spec['config']}" + (f" seed {spec['seed']}" if "seed" in spec else ""),
-                      flush=True)
+                print(f"started {label(spec)}", flush=True)
             time.sleep(2)
             for item in list(running):
                 spec, process = item
                 if process.poll() is not None:
                     running.remove(item)
                     status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode}, see its .log)"
-                    print(f"{status}: {spec['kind']} {spec['config']}" + (f" seed {spec['seed']}" if "seed" in spec
-                                                                           else ""), flush=True)
+                    print(f"{status}: {label(spec)}", flush=True)
     finally:
         # The driver stopping (Ctrl-C, kill, an error) stops its jobs too, rather than leaving one-thread
         # processes training on; a stopped job's result was never written, so the next run does it again.
