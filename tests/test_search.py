@@ -3,7 +3,8 @@ import torch
 
 from chimle.generator import Generator
 from chimle.perceptual import LPIPS
-from chimle.search import codes_from, flat_search, hierarchical_search, pool
+from chimle import search
+from chimle.search import codes_from, flat_search, hierarchical_search, level_batch, pool
 from chimle.tasks import get, pyramid
 from conftest import randomize, tiny_config
 
@@ -57,6 +58,40 @@ def test_results_do_not_depend_on_batch_or_chunk_sizes(lpips):
     assert len(set(results[0].winners[:, 0].tolist())) > 1
     flats = [flat_search(g, lpips, task, inputs, targets, seeds, 9, max_batch=b) for b in (4, 64)]
     assert torch.equal(flats[0].winners, flats[1].winners)
+
+
+def test_cpu_batches_are_capped_by_output_pixels_and_results_do_not_change(lpips, monkeypatch):
+    assert level_batch(64, torch.empty(1, 3, 32, 32)) == 64  # 64 renders of 32 px fit the budget
+    assert level_batch(64, torch.empty(1, 3, 128, 128)) == 4
+    assert level_batch(64, torch.empty(1, 3, 1024, 1024)) == 1  # never none
+    assert level_batch(3, torch.empty(1, 3, 8, 8)) == 3  # never more than max_batch
+    assert level_batch(64, torch.empty(1, 3, 128, 128, device="meta")) == 64  # accelerators: the whole max_batch
+    g, task = setup(seed=2)
+    gen = torch.Generator().manual_seed(2)
+    inputs = [torch.rand(4, 3, 4, 4, generator=gen)]
+    targets = pyramid(torch.rand(4, 3, 16, 16, generator=gen), 2)
+    seeds = torch.arange(200, 204)
+    before = hierarchical_search(g, lpips, task, inputs, targets, seeds, [7, 6], max_batch=64, dtype=torch.bfloat16)
+    batches = []
+    render_level = g.render_level
+    monkeypatch.setattr(g, "render_level", lambda p, c: batches.append((p.level, c.shape[0])) or render_level(p, c))
+    monkeypatch.setattr(search, "CPU_BATCH_PIXELS", 3 * 16 * 16)  # 3 renders at 16 px, 12 at 8 px
+    capped = hierarchical_search(g, lpips, task, inputs, targets, seeds, [7, 6], max_batch=64, dtype=torch.bfloat16)
+    assert max(n for level, n in batches if level == 1) == 3 and max(n for level, n in batches if level == 0) == 12
+    assert torch.equal(capped.winners, before.winners)
+    torch.testing.assert_close(capped.distances, before.distances, atol=1e-5, rtol=1e-4)
+
+
+def test_the_last_levels_winners_render_no_prefix(lpips, monkeypatch):
+    """A level's winners are rendered once more, as the next level's prefix; after the last level there is none."""
+    g, task = setup(seed=3)
+    inputs = [torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(3))]
+    targets = pyramid(torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4)), 2)
+    levels = []
+    render_level = g.render_level
+    monkeypatch.setattr(g, "render_level", lambda p, c: levels.append(p.level) or render_level(p, c))
+    hierarchical_search(g, lpips, task, inputs, targets, torch.tensor([5]), [4, 4], max_batch=64)
+    assert levels == [0, 0, 1]  # level 0: its candidates, then its winner's prefix; level 1: its candidates only
 
 
 def test_regenerated_codes_equal_the_chosen_ones(lpips):

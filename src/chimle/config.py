@@ -69,9 +69,9 @@ class SearchConfig:
     samples_per_level: list[int] = field(default_factory=lambda: [200, 200, 20, 10])  # candidate codes per level (paper: 200, 200, 20, 10)
     flat: bool = False  # flat cIMLE instead: one pool of full codes judged at the last level only
     flat_samples: int = 0  # pool size of the flat search; 0 = the hierarchical pools' total render count
-    max_batch: int = 64  # most candidate renders run at once (the memory budget of the search)
+    max_batch: int = 64  # most candidate renders run at once (the search's memory budget; CPUs: search.level_batch)
     precision: str = "auto"  # candidate renders: auto (bfloat16 where the device has it natively) | float32 | bfloat16
-    rescore: int = 4  # with bfloat16: each example's nearest candidates re-judged in float32 at every level
+    rescore: int = 2  # with bfloat16: each example's nearest candidates re-judged in float32 at every level
     compile: bool = False  # torch.compile the candidates' renders: one compile per level for the run (paper: off)
     zero_codes: bool = False  # regression baseline: no search, every code zero (same network, same loss)
     reject_below: list[float] = field(default_factory=list)  # RS-IMLE: per level, candidates nearer than this are rejected; [] or 0 = off (paper: off)

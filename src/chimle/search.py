@@ -14,10 +14,11 @@ from which `codes_from` regenerates the chosen codes exactly; the codes themselv
 
 Compared with the official implementation (whose work `chimle.naive` reproduces, for benchmarks/speed.py):
 lower levels are rendered once per example, not once per mini-batch of candidates; candidates of several
-examples share a batch (up to `max_batch` renders); target features are computed once per example and level
-and compared with each candidate without being copied; distances are exact (no random projection, no
-approximate index); and every render runs `fixed_weights`: weight normalisation folded into plain weights,
-channels-last tensors, inference mode, optionally bfloat16 autocast, optionally torch.compile (`renderer`).
+examples share a batch (up to `max_batch` renders, fewer at high resolutions on a CPU: `level_batch`); target
+features are computed once per example and level and compared with each candidate without being copied;
+distances are exact (no random projection, no approximate index); and every render runs `fixed_weights`: weight
+normalisation folded into plain weights, channels-last tensors, inference mode, optionally bfloat16 autocast,
+optionally torch.compile (`renderer`).
 """
 
 from __future__ import annotations
@@ -106,6 +107,20 @@ def fixed_weights(generator: Generator, device: torch.device, dtype: torch.dtype
         yield
 
 
+CPU_BATCH_PIXELS = 64 * 32 * 32  # on a CPU, a batch of renders outputs at most this many pixels (see level_batch)
+
+
+def level_batch(max_batch: int, target: torch.Tensor) -> int:
+    """Renders per batch at a level whose outputs have the size of `target` (N, C, H, W): `max_batch`, and on a
+    CPU no more than `CPU_BATCH_PIXELS` output pixels (at least one render). Past that a batch's activations
+    outgrow the caches and every render in it is slower: at the paper's widths, a 128 px render costs 1.2-1.4x
+    more in batches of 32-64 than of 4 (float32 and bfloat16 alike), while at 16-32 px batches of 64 are the
+    fastest (measured per level and batch size on a 2-core AMD EPYC). GPUs keep the whole `max_batch`."""
+    if target.device.type != "cpu":
+        return max_batch
+    return max(1, min(max_batch, CPU_BATCH_PIXELS // (target.shape[-2] * target.shape[-1])))
+
+
 def _chunks(count: int, pool_size: int, max_batch: int):
     """(example, first candidate, end candidate) runs covering count x pool_size renders, max_batch at a time."""
     run = []
@@ -167,7 +182,7 @@ def hierarchical_search(
     max_batch: int = 64,
     dtype: torch.dtype | None = None,
     layout: bool = True,
-    rescore: int = 4,
+    rescore: int = 2,
     reject_below: list[float] | None = None,
     compile: bool = False,
 ) -> SearchResult:
@@ -187,23 +202,23 @@ def hierarchical_search(
     group = max(1, max_batch // min(pool_sizes))
     rescore = rescore if dtype is not None else 0
     thresholds = per_level(reject_below, len(pool_sizes))
-    render = renderer(generator, distance, task, max_batch, compile, layout)
+    render = renderer(generator, distance, task, compile, layout)
     with fixed_weights(generator, inputs[0].device, dtype, layout, fold=False):
         result = _in_groups(group, inputs, targets, seeds, lambda x, y, s: _hierarchical_group(
             generator, distance, x, y, s, pool_sizes, max_batch, rescore, thresholds, render))
     return _plain(result)
 
 
-def renderer(generator: Generator, distance: Distance | LPIPS, task: Task, max_batch: int, compile: bool = False,
+def renderer(generator: Generator, distance: Distance | LPIPS, task: Task, compile: bool = False,
              layout: bool = True):
-    """`render(prefix, codes)`: the float32 perceptual features of the candidates `codes` rendered at
-    `prefix.level`. With `compile`, through torch.compile: every batch is padded to `max_batch` rows (copies of its
-    last) and its prefix copied into one memory layout, so that all batches of a level share one shape and one
-    graph serves each level for as long as the process lives (four compiles for the paper's four levels, eight
-    with bfloat16 and its float32 re-scoring; the weights are the graph's inputs, so training them does not
-    compile again)."""
+    """`render(prefix, codes, batch)`: the float32 perceptual features of the candidates `codes` (at most `batch`)
+    rendered at `prefix.level`. With `compile`, through torch.compile: every batch is padded to `batch` rows
+    (copies of its last) and its prefix copied into one memory layout, so that all batches of a level share one
+    shape and one graph serves each level for as long as the process lives (four compiles for the paper's four
+    levels, eight with bfloat16 and its float32 re-scoring; the weights are the graph's inputs, so training them
+    does not compile again)."""
     if not compile:
-        def render(prefix: Prefix, codes: torch.Tensor) -> list[torch.Tensor]:
+        def render(prefix: Prefix, codes: torch.Tensor, batch: int) -> list[torch.Tensor]:
             with record_function("search.candidates"):
                 raw, _ = generator.render_level(prefix, codes)
             with record_function("search.candidate_features"):
@@ -212,9 +227,9 @@ def renderer(generator: Generator, distance: Distance | LPIPS, task: Task, max_b
         return render
     compiled, layout_4d = _compiled(), torch.channels_last if layout else torch.contiguous_format
 
-    def render(prefix: Prefix, codes: torch.Tensor) -> list[torch.Tensor]:
+    def render(prefix: Prefix, codes: torch.Tensor, batch: int) -> list[torch.Tensor]:
         count = codes.shape[0]
-        rows = torch.arange(max_batch, device=codes.device).clamp(max=count - 1)
+        rows = torch.arange(batch, device=codes.device).clamp(max=count - 1)
 
         def padded(t: torch.Tensor) -> torch.Tensor:
             t = t[rows]
@@ -286,24 +301,30 @@ def _hierarchical_group(generator, distance, inputs, targets, seeds, pool_sizes,
     prefix = generator.start(inputs)
     for level, size in enumerate(pool_sizes):
         with folded(generator.levels[level]):
-            prefix = _search_level(generator, distance, render, targets, seeds, prefix, size, max_batch, winners,
+            chosen = _search_level(generator, distance, render, targets, seeds, prefix, size, max_batch, winners,
                                    distances, rescore, thresholds[level])
+            if level + 1 < len(pool_sizes):  # the last level's winners need no prefix; prefixes are float32
+                device = inputs[0].device
+                with record_function("search.prefix"), torch.autocast(device.type, enabled=False):
+                    _, prefix = generator.render_level(prefix, chosen.to(device))
     return SearchResult(seeds.clone(), winners, list(pool_sizes), distances)
 
 
 def _search_level(generator, distance, render, targets, seeds, prefix, size, max_batch, winners, distances,
-                  rescore, threshold) -> Prefix:
-    """Choose every example's code at `prefix.level` (into `winners`, `distances`); return the next prefix."""
+                  rescore, threshold) -> torch.Tensor:
+    """Choose every example's code at `prefix.level` (into `winners`, `distances`); return the chosen codes."""
     device, level, count = targets[0].device, prefix.level, prefix.batch
     code_size = generator.code_sizes(prefix)[level]
+    batch = level_batch(max_batch, targets[level])
     with record_function("search.target_features"):
         target_features = _features(distance, targets[level])  # once per example and level
     pools = _Pools(seeds, level, size, code_size)
     scores = torch.empty(count, size)
-    for run in _chunks(count, size, max_batch):
+    for run in _chunks(count, size, batch):
         with record_function("search.draw_codes"):
             codes = pools.codes(run, device)
-        run_scores = _score(render, distance, _candidates_prefix(prefix, run, device), codes, target_features, run)
+        run_scores = _score(render, distance, _candidates_prefix(prefix, run, device), codes, target_features, run,
+                            batch)
         for ex, start, end, rows in _spans(run):
             scores[ex, start:end] = run_scores[rows]
     if not torch.isfinite(scores).all():
@@ -311,18 +332,15 @@ def _search_level(generator, distance, render, targets, seeds, prefix, size, max
     with torch.autocast(device.type, enabled=False):  # below, float32 whatever the candidates were rendered in
         scores = reject(scores, threshold)
         if rescore > 0:
-            scores = _rescore(generator, distance, render, targets, seeds, prefix, scores, rescore, max_batch)
+            scores = _rescore(generator, distance, render, targets, seeds, prefix, scores, rescore, batch)
             scores = reject(scores, threshold)
         with record_function("search.argmin"):
             best = scores.argmin(dim=1)  # the first of equal candidates wins
             winners[:, level], distances[:, level] = best, scores.gather(1, best[:, None]).squeeze(1)
-        chosen = torch.stack([pool(int(seeds[ex]), level, size, code_size)[int(best[ex])] for ex in range(count)])
-        with record_function("search.prefix"):
-            _, prefix = generator.render_level(prefix, chosen.to(device))
-    return prefix
+        return torch.stack([pool(int(seeds[ex]), level, size, code_size)[int(best[ex])] for ex in range(count)])
 
 
-def _rescore(generator, distance, render, targets, seeds, prefix, scores, k, max_batch) -> torch.Tensor:
+def _rescore(generator, distance, render, targets, seeds, prefix, scores, k, batch) -> torch.Tensor:
     """`scores` (count, pool size) with each example's k lowest replaced by their float32 distances and every
     other candidate set to +inf, so that the float32 distances alone decide."""
     device, level = targets[0].device, prefix.level
@@ -333,12 +351,13 @@ def _rescore(generator, distance, render, targets, seeds, prefix, scores, k, max
     exact = torch.full_like(scores, float("inf"))
     with record_function("search.rescore"):
         target_features = _features(distance, targets[level])
-        per_batch = max(1, max_batch // k)
+        per_batch = max(1, batch // k)
         for first in range(0, count, per_batch):
             examples = range(first, min(count, first + per_batch))
             run = [(ex, 0, k) for ex in examples]
             codes = torch.cat([pool(int(seeds[ex]), level, size, code_size)[top[ex]] for ex in examples]).to(device)
-            run_scores = _score(render, distance, _candidates_prefix(prefix, run, device), codes, target_features, run)
+            run_scores = _score(render, distance, _candidates_prefix(prefix, run, device), codes, target_features, run,
+                                max(batch, k))
             for i, ex in enumerate(examples):
                 exact[ex, top[ex]] = run_scores[i * k : (i + 1) * k]
     return exact
@@ -360,10 +379,11 @@ def _features(distance: Distance | LPIPS, images: torch.Tensor) -> list[torch.Te
 
 
 def _score(render, distance: Distance | LPIPS, prefix: Prefix, codes: torch.Tensor,
-           target_features: list[torch.Tensor], run) -> torch.Tensor:
+           target_features: list[torch.Tensor], run, batch: int) -> torch.Tensor:
     """LPIPS distance (on the CPU) of each candidate's output at `prefix.level` to its example's target; `run`
-    says which rows belong to which example. Target features are broadcast, never copied per candidate."""
-    features = render(prefix, codes)
+    (at most `batch` renders) says which rows belong to which example. Target features are broadcast, never copied
+    per candidate."""
+    features = render(prefix, codes, batch)
     with record_function("search.distance"), torch.autocast(codes.device.type, enabled=False):
         scores = [distance.distance([f[rows] for f in features], [t[ex : ex + 1] for t in target_features])
                   for ex, _, _, rows in _spans(run)]
@@ -388,7 +408,7 @@ def flat_search(
     (with rejection sampling below `reject_below`, see `reject`; `compile` as in `hierarchical_search`, for the
     last level's renders)."""
     group = max(1, max_batch // pool_size)
-    render = renderer(generator, distance, task, max_batch, compile, layout)
+    render = renderer(generator, distance, task, compile, layout)
     with fixed_weights(generator, inputs[0].device, dtype, layout):
         result = _in_groups(group, inputs, targets, seeds, lambda x, y, s: _flat_group(
             generator, distance, task, x, y, s, pool_size, max_batch, reject_below, render))
@@ -403,12 +423,13 @@ def _flat_group(generator, distance, task, inputs, targets, seeds, pool_size, ma
     target_features = _features(distance, targets[-1])
     pools = [_Pools(seeds, level, pool_size, code_sizes[level]) for level in range(levels)]
     scores = torch.empty(count, pool_size)
-    for run in _chunks(count, pool_size, max_batch):
+    batch = level_batch(max_batch, targets[-1])
+    for run in _chunks(count, pool_size, batch):
         examples = _examples_of(run).to(device)
         prefix = generator.start([x[examples] for x in inputs])
         for level in range(levels - 1):
             _, prefix = generator.render_level(prefix, pools[level].codes(run, device))
-        run_scores = _score(render, distance, prefix, pools[-1].codes(run, device), target_features, run)
+        run_scores = _score(render, distance, prefix, pools[-1].codes(run, device), target_features, run, batch)
         for ex, start, end, rows in _spans(run):
             scores[ex, start:end] = run_scores[rows]
     scores = reject(scores, threshold)
