@@ -3,8 +3,12 @@ that does the official implementation's work (chimle.naive), with the speed leve
 
     python benchmarks/speed.py --quick                 # a rehearsal: 1 RRDB per level instead of 6, pools 40/40/20/10
     python benchmarks/speed.py                         # the full report (about 1.5 h on an idle 2-core CPU)
-    python benchmarks/speed.py --examples 4 --naive-examples 1 --bf16-examples 4 --tasks super-resolution --skip memory --no-compile
-                                                       # the committed report (21 min)
+    python benchmarks/speed.py --examples 4 --naive-examples 1 --bf16-examples 12 --tasks super-resolution \
+        --skip memory --no-compile --bf16-models builtin:super-resolution,runs/paper-sr-150-steps --bf16-rescores 0,2
+                                                       # the committed report, after training runs/paper-sr-150-steps:
+    chimle train --task super-resolution --preset paper --out runs/paper-sr-150-steps -o data.crop=128 \
+        -o train.round_size=16 -o train.steps_per_round=50 -o train.rounds=3 \
+        -o "search.samples_per_level=[50,50,20,10]"   # 16-37 min, 2 cores
     python benchmarks/speed.py --device cuda           # one GPU
     python benchmarks/speed.py --tasks super-resolution --skip levers,bf16 --resume   # finish an interrupted run
 
@@ -24,8 +28,11 @@ ru_maxrss: Python, PyTorch, the model, LPIPS and the measurement) is its own. Ph
     memory   the search's peak memory where it is largest (a full group of examples), without the profiler
     levers   one render of 16 candidates at the second level + LPIPS, each inference lever alone: weight-norm
              folding, channels-last, inference mode, torch.compile, bfloat16 autocast
-    bf16     whether a bfloat16-autocast search chooses the float32 codes, and a bf16 training step and its
-             effect on the loss (on devices without bf16 arithmetic at 1/8 of the widths: 10-40x slower there)
+    bf16     whether a bfloat16-autocast search chooses the float32 codes, on trained models (--bf16-models: the
+             built-in one, a paper-width one trained for some steps) with the distance each was trained with, for
+             each rescoring width (--bf16-rescores); and a bf16 training step and its effect on the loss (on
+             devices without bf16 arithmetic, the step and the `initialised` model at 1/8 of the widths: bf16 is
+             10-40x slower there)
     train    one float32 training step at batch 1: naive (anomaly detection on), then each training lever
     sample   images per second: naive, fixed weights, chimle.sample as shipped; batch 1 and batched
 With one torch thread on a CPU (--threads 1) every time is the process's CPU time, which other work on a shared
@@ -49,11 +56,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import timing  # noqa: E402
 
+from chimle import builtin, tasks  # noqa: E402
 from chimle.blocks import WNConv2d, folded  # noqa: E402
+from chimle.checkpoint import CheckpointError, load_model, model_path  # noqa: E402
 from chimle.devices import native_bf16  # noqa: E402
-from chimle.config import Config, resolve  # noqa: E402
+from chimle.config import Config, SearchConfig, resolve  # noqa: E402
 from chimle.generator import Generator, count_parameters  # noqa: E402
 from chimle.naive import naive_search, naive_step  # noqa: E402
+from chimle.perceptual import LPIPS, Distance  # noqa: E402
 from chimle.search import channels_last, fixed_weights, hierarchical_search  # noqa: E402
 from chimle.train import level_losses, make_optimizer  # noqa: E402
 
@@ -76,7 +86,8 @@ def make_config(task: str, quick: bool, extra: list[str] = ()) -> Config:
 def search_macs(macs: list[int], pools: list[int], mode: str, mini_batch: int = 20) -> float:
     """Generator GMAC per example. Every candidate renders its level; besides, the naive search re-renders the
     lower levels for every copy in each mini-batch, its prefix-caching variants once per level, ours renders
-    each winner once."""
+    each winner once as the next level's prefix, none after the last level (in bfloat16, the candidates in bf16,
+    then their `RESCORE` nearest again in float32)."""
     total = 0
     for level, m in enumerate(pools):
         total += m * macs[level]
@@ -85,21 +96,23 @@ def search_macs(macs: list[int], pools: list[int], mode: str, mini_batch: int = 
         elif mode in (PREFIX, FOLDED):
             total += sum(macs[:level])
         else:
-            total += macs[level]
+            total += ((RESCORE if mode == BF16 else 0) + (level + 1 < len(pools))) * macs[level]
     return total / 1e9
 
 
 # Phase: search -------------------------------------------------------------------------------------------------
 
-NAIVE, PREFIX, FOLDED, BATCHED, OURS, COMPILED = ("naive", "+ prefix caching", "+ weight-norm folding",
-                                                 "+ batching, inference mode", "ours (+ channels-last)",
-                                                 "+ torch.compile (search.compile=true)")
+RESCORE = SearchConfig().rescore  # the default
+NAIVE, PREFIX, FOLDED, BATCHED, OURS, BF16, COMPILED = (
+    "naive", "+ prefix caching", "+ weight-norm folding", "+ batching, inference mode", "ours (+ channels-last)",
+    f"+ bfloat16, {RESCORE} rescored (search.precision=auto)", "+ torch.compile (search.compile=true)")
 SEARCHES = {  # name -> how it searches; the ladder adds one lever at a time
     NAIVE: lambda g, d, t, x, y, s, p, b: naive_search(g, d, t, x, y, s, p),
     PREFIX: lambda g, d, t, x, y, s, p, b: naive_search(g, d, t, x, y, s, p, reuse_prefix=True),
     FOLDED: lambda g, d, t, x, y, s, p, b: _folded_naive(g, d, t, x, y, s, p),
     BATCHED: lambda g, d, t, x, y, s, p, b: hierarchical_search(g, d, t, x, y, s, p, b, layout=False),
     OURS: lambda g, d, t, x, y, s, p, b: hierarchical_search(g, d, t, x, y, s, p, b),
+    BF16: lambda g, d, t, x, y, s, p, b: hierarchical_search(g, d, t, x, y, s, p, b, torch.bfloat16, rescore=RESCORE),
     COMPILED: lambda g, d, t, x, y, s, p, b: hierarchical_search(g, d, t, x, y, s, p, b, compile=True),
 }
 
@@ -261,18 +274,34 @@ def phase_levers(spec: dict, device: torch.device) -> dict:
 # Phase: does a bf16 search choose what a float32 search chooses? -----------------------------------------------
 
 
+INITIALISED = "initialised"  # --bf16-models: the paper's widths as initialised instead of a trained model
+
+
+def bf16_model(ref: str, quick: bool, device: torch.device):
+    """The generator, its config and its search distance for the bf16 agreement check: `initialised` (the
+    paper's widths, or 1/8 of them on a device without bf16 arithmetic, with LPIPS-VGG), or a trained model
+    (builtin:TASK, a run directory or a model file) with the distance it was trained with."""
+    if ref == INITIALISED:
+        narrow = not native_bf16(device)
+        config = make_config("super-resolution", quick, NARROW if narrow else [])
+        generator, lpips, _ = timing.build(config, device)
+        return generator, config, lpips, narrow
+    generator, config = load_model(builtin.locate(ref), device)
+    generator.requires_grad_(False)
+    distance = Distance(LPIPS(config.train.perceptual), config.train.pixel_weight).to(device)
+    return generator, config, distance, False
+
+
 def phase_bf16(spec: dict, device: torch.device) -> dict:
-    narrow = not native_bf16(device)
-    config = make_config("super-resolution", spec["quick"], NARROW if narrow else [])
-    generator, lpips, task = timing.build(config, device)
+    generator, config, distance, narrow = bf16_model(spec["model"], spec["quick"], device)
+    task = tasks.get(config.task)
     inputs, targets = timing.examples(config, spec["examples"], device)
     seeds = torch.arange(2000, 2000 + spec["examples"])
     runs, seconds, now = {}, {}, timing.clock(device)
-    variants = {"float32": (None, 0), "bfloat16": (torch.bfloat16, 0),
-                f"bfloat16, {spec['rescore']} rescored": (torch.bfloat16, spec["rescore"])}
+    variants = {"float32": (None, 0), **{rescore_name(k): (torch.bfloat16, k) for k in spec["rescores"]}}
     for name, (dtype, rescore) in variants.items():
         started = now()
-        runs[name] = hierarchical_search(generator, lpips, task, inputs, targets, seeds, spec["pools"],
+        runs[name] = hierarchical_search(generator, distance, task, inputs, targets, seeds, spec["pools"],
                                          config.search.max_batch, dtype=dtype, rescore=rescore)
         seconds[name] = now() - started
     a = runs["float32"]
@@ -285,9 +314,31 @@ def phase_bf16(spec: dict, device: torch.device) -> dict:
             "first_differing_level": [int((a.winners[i] != b.winners[i]).nonzero()[0])
                                       for i in range(len(same)) if not same[i]],
             "mean_distance": b.distances.mean(0).tolist()}
-    return {"narrow_model": narrow, "widths": {"channels": config.model.channels, "growth": config.model.growth},
+    return {"model": spec["model"], "narrow_model": narrow, "task": config.task,
+            "widths": {"channels": config.model.channels, "growth": config.model.growth},
+            "parameters": count_parameters(generator), "distance": distance_name(config, spec["model"]),
+            "schedule": None if spec["model"] == INITIALISED else schedule(config),
             "examples": spec["examples"], "pools": spec["pools"], "agreement": agreement,
             "distance_fp32": a.distances.mean(0).tolist(), "seconds": seconds, "peak_rss_gib": timing.peak_rss_gib()}
+
+
+def schedule(config: Config) -> str:
+    """How a trained model was trained, from the config in its file."""
+    t = config.train
+    length = f"{t.rounds} rounds" if t.rounds else f"{t.passes} passes"
+    return (f"{length} of {t.steps_per_round} steps at batch {t.batch_size}, lr {t.lr:g}, {t.round_size} examples "
+            f"per round, pools {config.search.samples_per_level}, {config.data.crop} px crops")
+
+
+def rescore_name(k: int) -> str:
+    return f"bfloat16, {k} rescored" if k else "bfloat16"
+
+
+def distance_name(config: Config, ref: str) -> str:
+    if ref == INITIALISED:
+        return "LPIPS-VGG"
+    name = {"vgg": "LPIPS-VGG", "alex": "LPIPS-AlexNet"}[config.train.perceptual]
+    return f"{name} + {config.train.pixel_weight:g} x L1" if config.train.pixel_weight else name
 
 
 # Phase: training step ------------------------------------------------------------------------------------------
@@ -459,10 +510,13 @@ def plan(args) -> list[dict]:
     """Every measurement as a child-process spec."""
     quick = args.quick
     pools = [40, 40, 20, 10] if quick else [200, 200, 20, 10]
+    native = native_bf16(torch.device(args.device))
     specs = []
     if "search" in args.phases:
         for i, task in enumerate(args.tasks):
             counts = {NAIVE: sorted({1, args.naive_examples}), OURS: sorted({1, args.examples})}
+            if native:  # the search as configured by default (search.precision=auto) renders in bfloat16 here
+                counts[BF16] = sorted({1, args.examples})
             if i == 0:  # the ladder, on the first task's single example; the compiled search as a round runs it
                 counts.update({mode: [1] for mode in (PREFIX, FOLDED, BATCHED)})
                 counts[COMPILED] = [args.examples] if args.compile else []
@@ -478,7 +532,9 @@ def plan(args) -> list[dict]:
         specs.append({"phase": "levers", "batch": 16, "reps": 2 if quick else 3, "bf16_batch": 2,
                       "compile": args.compile})
     if "bf16" in args.phases:
-        specs.append({"phase": "bf16", "examples": args.bf16_examples, "pools": pools, "rescore": 4})
+        for model in args.bf16_models:
+            specs.append({"phase": "bf16", "model": model, "examples": args.bf16_examples, "pools": pools,
+                          "rescores": args.bf16_rescores})
     if "train" in args.phases:
         for variant in TRAIN_LADDER:
             if TRAIN_LADDER[variant][4] and (quick or not args.compile):  # compiling takes minutes even in --quick
@@ -542,6 +598,8 @@ def render(report: dict) -> str:
            f"`{report['command']}` on {report['device']}; {report['machine']['cpus']} CPUs, torch "
            f"{report['machine']['torch']} with {report['machine']['torch_threads']} threads; "
            f"{report['total_minutes']:.0f} min in all.  ",
+           f"CPU: {report['machine'].get('cpu_model')} (flags: {report['machine'].get('cpu_flags')}; PyTorch's "
+           f"CPU capability: {report['machine'].get('torch_cpu_capability')}).  ",
            f"Load before: `{report['uptime_before']}`; after: `{report['uptime_after']}`.  ",
            f"Clock: {', '.join(sorted({r.get('clock', 'wall time') for r in results}))} (with one torch thread, the "
            "process's CPU time: other work on a shared machine cannot inflate it; on an idle one it equals wall "
@@ -553,11 +611,13 @@ def render(report: dict) -> str:
     out.append("")
     targets = []
 
-    # Search: naive vs ours.
+    # Search: naive vs ours (and ours in bfloat16, the default where the device has it natively).
     rows = []
-    for task in dict.fromkeys(r["task"] for r in searches):
-        for n in sorted({r["examples"] for r in searches if r["task"] == task and r["mode"] == OURS}):
-            b = _find(searches, task=task, mode=OURS, examples=n)
+    native = any(r["mode"] == BF16 for r in searches)
+    default = BF16 if native else OURS
+    for task, mode in [(t, m) for t in dict.fromkeys(r["task"] for r in searches) for m in (OURS, BF16)]:
+        for n in sorted({r["examples"] for r in searches if r["task"] == task and r["mode"] == mode}):
+            b = _find(searches, task=task, mode=mode, examples=n)
             # The naive search takes one example at a time, so its time per example does not depend on n; where it
             # was not run on n examples, its 1-example time stands in (marked *).
             a = _find(searches, task=task, mode=NAIVE, examples=n) or _find(searches, task=task, mode=NAIVE, examples=1)
@@ -567,26 +627,35 @@ def render(report: dict) -> str:
             shared = min(n, a["examples"])
             same = sum(x == y for x, y in zip(a["winners"][:shared], b["winners"][:shared]))
             star = "" if a["examples"] == n else "*"
-            rows.append([task, n, f"{a['seconds_per_example']:.1f}{star}", f"{b['seconds_per_example']:.1f}",
+            rows.append([task, rescore_name(RESCORE) if mode == BF16 else "float32", n,
+                         f"{a['seconds_per_example']:.1f}{star}", f"{b['seconds_per_example']:.1f}",
                          f"**{ratio:.2f}x**", f"{a['generator_gmac_per_example']:.0f} / {b['generator_gmac_per_example']:.0f}",
                          f"{a['peak_rss_gib']:.2f} / {b['peak_rss_gib']:.2f}", f"{same}/{shared}"])
-            targets.append((f"search {task}, {n} example(s): >= 3x faster than naive", f"{ratio:.2f}x", ratio >= 3))
+            if mode == default:
+                where = "with native bf16, in bf16" if native else "in float32"
+                targets.append((f"search {task}, {n} example(s), {where}: >= 3x faster than naive",
+                                f"{ratio:.2f}x", ratio >= 3))
     if rows:
         pools = searches[0]["pools"]
         out += [f"## Code search, pools {pools}: seconds per example\n",
-                timing.table(["task", "examples", "naive s/ex", "ours s/ex", "speed-up", "generator GMAC/ex naive / ours",
+                timing.table(["task", "ours renders in", "examples", "naive s/ex", "ours s/ex", "speed-up",
+                              "generator GMAC/ex naive / ours",
                         "peak RSS GiB naive / ours (with the profiler)",
                         "same codes as naive"], rows),
                 "Naive: `chimle.naive.naive_search`, the official sampler's work (levels below l re-rendered for each "
                 "mini-batch of 20 candidates, target features per mini-batch, weight norm in every forward, NCHW, "
                 "no_grad); * its time on 1 example (it takes one example at a time). Ours: "
-                "`chimle.search.hierarchical_search` with its defaults. Peak RSS: ru_maxrss of the measurement's own "
+                "`chimle.search.hierarchical_search` with its defaults, in float32, and (where the device computes "
+                f"bfloat16 natively, so that `search.precision=auto` picks it) in bfloat16 with each level's {RESCORE} "
+                "nearest candidates rescored in float32; the codes it chooses are compared with float32's on trained "
+                "models below. Peak RSS: ru_maxrss of the measurement's own "
                 "process (Python, PyTorch, model, LPIPS, search) including torch.profiler's records, which grow "
                 "with the run's length; the search's own peak is measured below without the profiler.\n"]
 
     # The ladder.
     first = searches[0]["task"] if searches else None
-    ladder = [_find(searches, task=first, mode=mode, examples=1) for mode in SEARCHES if mode != COMPILED]
+    ladder = [_find(searches, task=first, mode=mode, examples=1) for mode in SEARCHES
+              if mode != COMPILED and (mode != BF16 or native)]
     roof = _find(results, phase="roofline")
     if all(ladder):
         base = ladder[0]["seconds_per_example"]
@@ -688,25 +757,35 @@ def render(report: dict) -> str:
         out.append(f"Native bf16 arithmetic on this device: {'yes' if levers['native_bf16'] else 'no'}.\n")
 
     # bf16 agreement.
-    bf = _find(results, phase="bf16")
-    if bf:
+    agreements = [r for r in results if r["phase"] == "bf16"]
+    if agreements:
+        out += ["## bfloat16 search: same codes as float32?\n",
+                "Each model's search run in float32 and under bfloat16 autocast on the same examples and pools. "
+                "Rescored: each example's k nearest candidates by the bf16 distance rendered again in float32 at "
+                f"every level, the float32 distance deciding (`search.rescore`, default {RESCORE}); whenever the "
+                "float32 winner is among those k, the choice is exactly float32's.\n"]
+    for bf in agreements:
+        bf = {"model": INITIALISED, "task": "super-resolution", "distance": "LPIPS-VGG", **bf}  # older reports' defaults
         widths = f"channels {bf['widths']['channels']}, growth {bf['widths']['growth']}"
+        if bf["model"] == INITIALISED:
+            what = (f"a 1/8-width model ({widths}) as initialised, as this device has no bf16 arithmetic"
+                    if bf["narrow_model"] else f"the paper's widths as initialised ({widths})")
+        else:
+            what = (f"`{bf['model']}`, trained ({bf['parameters'] / 1e6:.1f} M parameters; {widths}; "
+                    f"{bf.get('schedule')})")
         rows = [["float32", "-", "-", f"{bf['seconds']['float32']:.0f}"]]
         for name, g in bf["agreement"].items():
             rows.append([name, f"{g['examples_with_identical_codes']}/{bf['examples']} "
                                f"({100 * g['fraction_identical']:.0f}%)",
                          ", ".join(f"{100 * a:.0f}%" for a in g["per_level_agreement"]), f"{bf['seconds'][name]:.0f}"])
-        out += ["## bfloat16 search: same codes as float32?\n",
-                f"Pools {bf['pools']}, {bf['examples']} examples; "
-                f"{'a 1/8-width model (' + widths + '), as this CPU has no bf16 arithmetic' if bf['narrow_model'] else widths}"
-                ", weights as initialised (candidates' distances lie closer together than in a trained model). "
-                "Rescored: each example's nearest candidates by the bf16 distance re-rendered in float32 at every "
-                "level, the float32 distance deciding (`hierarchical_search(..., rescore=k)`, config "
-                "`search.rescore`).\n",
+        out += [f"**{what}**, {bf['task']}, distance {bf['distance']}; pools {bf['pools']}, {bf['examples']} "
+                "examples:\n",
                 timing.table(["search", "examples with the float32 codes", "agreement per level", "seconds"], rows)]
-        for name, g in bf["agreement"].items():
-            targets.append((f"{name} search chooses the float32 codes on >= 95% of examples",
-                            f"{100 * g['fraction_identical']:.0f}%", g["fraction_identical"] >= 0.95))
+        default = bf["agreement"].get(rescore_name(RESCORE))
+        if default:
+            targets.append((f"bfloat16, {RESCORE} rescored (the default), {bf['model']}: the float32 codes on >= 95% of "
+                            "examples", f"{100 * default['fraction_identical']:.0f}%",
+                            default["fraction_identical"] >= 0.95))
 
     # Training step.
     trains = [r for r in results if r["phase"] == "train"]
@@ -773,6 +852,11 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=None, help="examples of the batched search (default 8; quick 2)")
     parser.add_argument("--naive-examples", type=int, default=None, help="examples of the naive search (default: --examples; quick 1)")
     parser.add_argument("--bf16-examples", type=int, default=None, help="examples of the bf16 agreement check (default 8; quick 3)")
+    parser.add_argument("--bf16-models", default=f"builtin:super-resolution,{INITIALISED}",
+                        help="comma-separated models of the bf16 agreement check: builtin:TASK, run directories, model "
+                             f"files, or {INITIALISED} (the paper's widths as initialised) (default: %(default)s)")
+    parser.add_argument("--bf16-rescores", default="0,2,4",
+                        help="comma-separated rescoring widths of the bf16 agreement check; 0 = none (default: %(default)s)")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     parser.add_argument("--skip", default="", help=f"comma-separated phases to skip, of {', '.join(PHASES)}")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
@@ -792,12 +876,20 @@ def main() -> None:
     args.naive_examples = args.naive_examples or (1 if args.quick else args.examples)
     args.bf16_examples = args.bf16_examples or (3 if args.quick else 8)
     args.tasks = [t for t in args.tasks.split(",") if t]
+    args.bf16_models = [m for m in args.bf16_models.split(",") if m]
+    args.bf16_rescores = [int(k) for k in args.bf16_rescores.split(",") if k]
     args.phases = [p for p in PHASES if p not in args.skip.split(",")]
     unknown = [t for t in args.tasks if t not in TASKS] + [p for p in args.skip.split(",") if p and p not in PHASES]
     if unknown:
         raise SystemExit(f"unknown task or phase: {', '.join(unknown)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this PyTorch sees no CUDA device")
+    for ref in args.bf16_models:  # a missing model fails now, not after an hour of measurements
+        if ref != INITIALISED:
+            try:
+                model_path(builtin.locate(ref))
+            except (CheckpointError, ValueError) as error:
+                raise SystemExit(f"--bf16-models: {error}") from None
 
     specs = plan(args)
     report = {"command": common.command_line(), "machine": common.machine(), "uptime_before": uptime(),

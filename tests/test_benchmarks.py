@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from chimle import builtin
+from chimle.checkpoint import read_config
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import modes  # noqa: E402
 
@@ -299,6 +302,44 @@ def test_speed_report_says_whether_the_compiled_search_pays():
 
     compiled["seconds_per_example"] = 1.1 * ours["seconds_per_example"]
     assert "it does not pay: the compiled search is no faster" in speed.render(report)
+
+
+def test_speed_report_holds_the_bf16_search_to_the_target_where_the_device_computes_bf16():
+    import speed
+
+    report = json.loads((Path(speed.__file__).parent / "results" / "speed.json").read_text())
+    report["results"] = [r for r in report["results"] if r.get("mode") != speed.BF16]
+    ours = next(r for r in report["results"] if r.get("mode") == speed.OURS and r["examples"] == 1)
+    naive = next(r for r in report["results"] if r.get("mode") == speed.NAIVE and r["examples"] == 1)
+    float32_target = "search super-resolution, 1 example(s), in float32: >= 3x faster than naive"
+    assert float32_target in speed.render(report)  # no bf16 search: the float32 one is the default
+
+    bf16 = {**ours, "mode": speed.BF16, "seconds_per_example": naive["seconds_per_example"] / 3.2}
+    report["results"].append(bf16)
+    text = speed.render(report)
+    assert float32_target not in text
+    assert "| search super-resolution, 1 example(s), with native bf16, in bf16: >= 3x faster than naive | 3.20x | yes |" in text
+    assert "| super-resolution | bfloat16, 2 rescored | 1 |" in text and "| super-resolution | float32 | 1 |" in text
+    assert speed.BF16 in text  # a rung of the ladder of levers
+
+
+def test_speed_bf16_check_runs_a_trained_model_with_its_own_distance():
+    import speed
+
+    spec = {"model": "builtin:super-resolution", "quick": True, "examples": 2, "pools": [3, 3, 2, 2],
+            "rescores": [0, 2]}
+    result = speed.phase_bf16(spec, torch.device("cpu"))
+    assert result["task"] == "super-resolution" and not result["narrow_model"]
+    trained = read_config(builtin.locate("builtin:super-resolution")).train  # the search's distance is the model's own
+    assert result["distance"] == f"LPIPS-{dict(vgg='VGG', alex='AlexNet')[trained.perceptual]} + {trained.pixel_weight:g} x L1"
+    assert result["parameters"] < 10e6  # the model itself, not the paper-width one the other checks build
+    assert set(result["agreement"]) == {"bfloat16", "bfloat16, 2 rescored"}
+    for agreement in result["agreement"].values():
+        assert len(agreement["per_level_agreement"]) == 4 and 0 <= agreement["fraction_identical"] <= 1
+    result["phase"] = "bf16"
+    text = speed.render({**json.loads((Path(speed.__file__).parent / "results" / "speed.json").read_text()),
+                         "results": [result]})
+    assert "**`builtin:super-resolution`, trained" in text and f"distance {result['distance']};" in text
 
 
 def test_gpu_report_keeps_what_each_phase_measured_and_names_a_failed_phase():
