@@ -52,7 +52,7 @@ from chimle.data import center_crop, list_images, load_image  # noqa: E402
 from chimle.generator import Generator, initialise  # noqa: E402
 from chimle.metrics import fid as fid_lib, manifold  # noqa: E402
 from chimle.evaluate import score_input  # noqa: E402
-from chimle.perceptual import LPIPS, Distance  # noqa: E402
+from chimle.perceptual import LPIPS  # noqa: E402
 from chimle.search import codes_from  # noqa: E402
 
 TILE = 128  # held-out tile side, px (the demo's)
@@ -196,7 +196,7 @@ def round_seconds(config) -> float:
     dataset = training.training_set(config)
     torch.manual_seed(t.seed)
     generator = initialise(Generator(config.model), t.init)
-    distance = Distance(LPIPS(t.perceptual), t.pixel_weight)
+    distance = training.make_distance(config)
     optimizer = training.make_optimizer(config, generator)
     started = time.process_time()
     batch = training.draw_round(config, dataset, 0, torch.device("cpu"))

@@ -63,9 +63,8 @@ from chimle.devices import native_bf16  # noqa: E402
 from chimle.config import Config, SearchConfig, resolve  # noqa: E402
 from chimle.generator import Generator, count_parameters  # noqa: E402
 from chimle.naive import naive_search, naive_step  # noqa: E402
-from chimle.perceptual import LPIPS, Distance  # noqa: E402
 from chimle.search import channels_last, fixed_weights, hierarchical_search  # noqa: E402
-from chimle.train import level_losses, make_optimizer  # noqa: E402
+from chimle.train import level_losses, make_distance, make_optimizer  # noqa: E402
 
 TASKS = {"super-resolution": 128, "decompression": 64}  # task -> crop (target side), px
 PHASES = ("search", "roofline", "memory", "levers", "bf16", "train", "sample")
@@ -288,7 +287,7 @@ def bf16_model(ref: str, quick: bool, device: torch.device):
         return generator, config, lpips, narrow
     generator, config = load_model(builtin.locate(ref), device)
     generator.requires_grad_(False)
-    distance = Distance(LPIPS(config.train.perceptual), config.train.pixel_weight).to(device)
+    distance = make_distance(config).to(device)
     return generator, config, distance, False
 
 

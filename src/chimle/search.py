@@ -298,13 +298,12 @@ def _hierarchical_group(generator, distance, inputs, targets, seeds, pool_sizes,
     count = inputs[0].shape[0]
     winners = torch.zeros(count, len(pool_sizes), dtype=torch.long)
     distances = torch.zeros(count, len(pool_sizes))
-    prefix = generator.start(inputs)
+    device, prefix = inputs[0].device, generator.start(inputs)
     for level, size in enumerate(pool_sizes):
         with folded(generator.levels[level]):
             chosen = _search_level(generator, distance, render, targets, seeds, prefix, size, max_batch, winners,
                                    distances, rescore, thresholds[level])
             if level + 1 < len(pool_sizes):  # the last level's winners need no prefix; prefixes are float32
-                device = inputs[0].device
                 with record_function("search.prefix"), torch.autocast(device.type, enabled=False):
                     _, prefix = generator.render_level(prefix, chosen.to(device))
     return SearchResult(seeds.clone(), winners, list(pool_sizes), distances)

@@ -233,6 +233,12 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, t: TrainConfig, step: in
 ADAM = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
+def make_distance(config: Config) -> Distance:
+    """The distance a model of `config` is searched and trained with: LPIPS (train.perceptual) plus
+    train.pixel_weight x L1."""
+    return Distance(LPIPS(config.train.perceptual), config.train.pixel_weight)
+
+
 def make_optimizer(config: Config, generator: Generator, implementation: str = "fused") -> torch.optim.Adam:
     """Adam; the mapping networks learn at mapping_lr_scale x the rate (DESIGN.md §2.5).
 
@@ -318,7 +324,7 @@ def train(config: Config | None, out: str | Path, resume: bool = False, device: 
     # Construct networks, or restore them.
     torch.manual_seed(t.seed)
     generator = initialise(Generator(config.model), t.init).to(device)
-    distance = Distance(LPIPS(t.perceptual), t.pixel_weight).to(device)
+    distance = make_distance(config).to(device)
     run = Run(config, files, generator, distance, make_optimizer(config, generator),
               total_rounds(config, len(dataset)), world, WeightAverage(generator, t.ema) if t.ema else None,
               on_save if world.is_main else None,
