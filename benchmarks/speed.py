@@ -10,6 +10,9 @@ that does the official implementation's work (chimle.naive), with the speed leve
         -o train.round_size=16 -o train.steps_per_round=50 -o train.rounds=3 \
         -o "search.samples_per_level=[50,50,20,10]"   # 16-37 min, 2 cores
     python benchmarks/speed.py --device cuda           # one GPU
+    python benchmarks/speed.py --tasks super-resolution --examples 4 --naive-examples 1 --no-compile \
+        --skip memory,levers,bf16,train,sample --out benchmarks/results/cpu-avx2
+                                                       # the report of a CPU without native bf16 (20 min)
     python benchmarks/speed.py --tasks super-resolution --skip levers,bf16 --resume   # finish an interrupted run
 
 Model: the `paper` preset (210.6 M parameters, 6 RRDBs per level, LPIPS-VGG) at scaled resolutions:
@@ -24,7 +27,8 @@ ru_maxrss: Python, PyTorch, the model, LPIPS and the measurement) is its own. Ph
              ours through torch.compile (search.compile=true) on --examples examples, after compiling every level
              on another example: whether it pays over a 400-example round
     roofline the GMAC/s of one plain 3x3 convolution of the shape that costs the search most, at its batch:
-             the ladder reads its GMAC/s against it
+             the ladder reads its GMAC/s against it; and the per-shape roofline: every convolution shape of the
+             search alone at its level's batch, summed into the seconds per example the convolutions alone take
     memory   the search's peak memory where it is largest (a full group of examples), without the profiler
     levers   one render of 16 candidates at the second level + LPIPS, each inference lever alone: weight-norm
              folding, channels-last, inference mode, torch.compile, bfloat16 autocast
@@ -63,7 +67,7 @@ from chimle.devices import native_bf16  # noqa: E402
 from chimle.config import Config, SearchConfig, resolve  # noqa: E402
 from chimle.generator import Generator, count_parameters  # noqa: E402
 from chimle.naive import naive_search, naive_step  # noqa: E402
-from chimle.search import channels_last, fixed_weights, hierarchical_search  # noqa: E402
+from chimle.search import channels_last, fixed_weights, hierarchical_search, level_batch  # noqa: E402
 from chimle.train import level_losses, make_distance, make_optimizer  # noqa: E402
 
 TASKS = {"super-resolution": 128, "decompression": 64}  # task -> crop (target side), px
@@ -159,32 +163,49 @@ def phase_search(spec: dict, device: torch.device) -> dict:
 
 
 def phase_roofline(spec: dict, device: torch.device) -> dict:
-    """GMAC/s of one plain 3x3 convolution (channels-last, inference mode, float32) of the shape that costs the
-    search the most (its MACs weighted by the pool of its level), at the batch the search renders that level in:
-    about the most this device does for the search's work, against which its measured GMAC/s are read."""
+    """The float32 ceiling of the search's generator work, two ways (channels-last, inference mode, each
+    convolution alone and repeated, best of its repeats):
+    top        GMAC/s of one plain 3x3 convolution of the shape that costs the search the most (its MACs weighted
+               by the pool of its level), at the batch the search renders that level in: about the most this
+               device does for the search's work, against which its measured GMAC/s are read
+    per shape  every convolution shape of the search alone at its level's batch (`level_batch`): the seconds per
+               example if each of the search's convolutions ran as fast as it does alone, with nothing else
+               (no concatenation, norm, activation, LPIPS); its GMAC/s are what the search's own shapes allow"""
     config = make_config(spec["task"], spec["quick"])
     generator, _, _ = timing.build(config, device)
-    inputs, _ = timing.examples(config, 1, device)
+    inputs, targets = timing.examples(config, 1, device)
     pools = spec["pools"]
     costs = timing.conv_costs(generator, inputs)
-    weighted = {key: macs * pools[key[0]] for key, macs in costs.items()}
-    (level, cin, cout, h, w), top = max(weighted.items(), key=lambda item: item[1])
-    batch = min(pools[level], config.search.max_batch)
     del generator
-    conv = torch.nn.Conv2d(cin, cout, 3, padding=1).to(device).to(memory_format=torch.channels_last)
-    x = torch.randn(batch, cin, h, w, device=device).contiguous(memory_format=torch.channels_last)
-    now, best = timing.clock(device), None
-    with torch.inference_mode():
-        for _ in range(spec["reps"] + 1):  # the first is a warm-up
-            timing.sync(device)
-            started = now()
-            conv(x)
-            timing.sync(device)
-            seconds = now() - started
-            best = seconds if best is None or seconds < best else best
-    return {"level": level, "shape": [cin, cout, h, w], "batch": batch, "seconds": best,
-            "gmac_per_second": batch * cout * cin * 9 * h * w / 1e9 / best,
-            "share_of_search_macs": top / sum(weighted.values()), "native_bf16": native_bf16(device),
+    weighted = {key: macs * pools[key[0]] for key, macs in costs.items()}
+    top = max(weighted, key=weighted.get)
+
+    def rate(level: int, cin: int, cout: int, h: int, w: int, batch: int) -> float:
+        conv = torch.nn.Conv2d(cin, cout, 3, padding=1).to(device).to(memory_format=torch.channels_last)
+        x = torch.randn(batch, cin, h, w, device=device).contiguous(memory_format=torch.channels_last)
+        now, best = timing.clock(device), None
+        with torch.inference_mode():
+            for _ in range(spec["reps"] + 1):  # the first is a warm-up
+                timing.sync(device)
+                started = now()
+                conv(x)
+                timing.sync(device)
+                seconds = now() - started
+                best = seconds if best is None or seconds < best else best
+        return batch * cout * cin * 9 * h * w / 1e9 / best
+
+    def batch(level: int) -> int:
+        return min(pools[level], level_batch(config.search.max_batch, targets[level]))
+
+    shapes = [{"level": key[0], "shape": list(key[1:]), "batch": batch(key[0]), "gmac_per_example": macs / 1e9,
+               "gmac_per_second": rate(*key, batch(key[0]))} for key, macs in sorted(weighted.items())]
+    (level, cin, cout, h, w), best = top, next(s for s in shapes if (s["level"], *s["shape"]) == top)
+    seconds = sum(s["gmac_per_example"] / s["gmac_per_second"] for s in shapes)
+    return {"level": level, "shape": [cin, cout, h, w], "batch": best["batch"],
+            "gmac_per_second": best["gmac_per_second"],
+            "share_of_search_macs": weighted[top] / sum(weighted.values()), "native_bf16": native_bf16(device),
+            "per_shape": shapes, "per_shape_seconds_per_example": seconds,
+            "per_shape_gmac_per_second": sum(s["gmac_per_example"] for s in shapes) / seconds,
             "peak_rss_gib": timing.peak_rss_gib()}
 
 
@@ -613,7 +634,6 @@ def render(report: dict) -> str:
     # Search: naive vs ours (and ours in bfloat16, the default where the device has it natively).
     rows = []
     native = any(r["mode"] == BF16 for r in searches)
-    default = BF16 if native else OURS
     for task, mode in [(t, m) for t in dict.fromkeys(r["task"] for r in searches) for m in (OURS, BF16)]:
         for n in sorted({r["examples"] for r in searches if r["task"] == task and r["mode"] == mode}):
             b = _find(searches, task=task, mode=mode, examples=n)
@@ -630,9 +650,8 @@ def render(report: dict) -> str:
                          f"{a['seconds_per_example']:.1f}{star}", f"{b['seconds_per_example']:.1f}",
                          f"**{ratio:.2f}x**", f"{a['generator_gmac_per_example']:.0f} / {b['generator_gmac_per_example']:.0f}",
                          f"{a['peak_rss_gib']:.2f} / {b['peak_rss_gib']:.2f}", f"{same}/{shared}"])
-            if mode == default:
-                where = "with native bf16, in bf16" if native else "in float32"
-                targets.append((f"search {task}, {n} example(s), {where}: >= 3x faster than naive",
+            if mode == BF16:  # the default where bf16 is native; without it the target is the roofline's (below)
+                targets.append((f"search {task}, {n} example(s), with native bf16, in bf16: >= 3x faster than naive",
                                 f"{ratio:.2f}x", ratio >= 3))
     if rows:
         pools = searches[0]["pools"]
@@ -696,11 +715,33 @@ def render(report: dict) -> str:
                    f"search renders that level in: **{roof['gmac_per_second']:.0f} GMAC/s** (best of its repeats). "
                    "GMAC/s overall counts the generator's MACs only (not LPIPS), over the whole search's time.\n")
         ours = _find(searches, task=first, mode=OURS, examples=1)
+        if "per_shape" in roof:
+            rows = []
+            for lv in sorted({s["level"] for s in roof["per_shape"]}):
+                shapes = [s for s in roof["per_shape"] if s["level"] == lv]
+                gmac = sum(s["gmac_per_example"] for s in shapes)
+                seconds = sum(s["gmac_per_example"] / s["gmac_per_second"] for s in shapes)
+                rows.append([lv, len(shapes), shapes[0]["batch"], f"{gmac:.0f}", f"{seconds:.1f}", f"{gmac / seconds:.0f}",
+                             f"{min(s['gmac_per_second'] for s in shapes):.0f}-{max(s['gmac_per_second'] for s in shapes):.0f}"])
+            per_shape = roof["per_shape_seconds_per_example"]
+            mine = (f" Ours (float32, 1 example) took {ours['seconds_per_example']:.1f} s: "
+                    f"{per_shape / ours['seconds_per_example']:.0%} of the per-shape roofline."
+                    if ours else "")
+            out += ["The per-shape roofline (same phase): every convolution shape of the search alone, at its level's "
+                    "batch, repeated; seconds per example if each of the search's convolutions ran that fast with "
+                    f"nothing between them: **{per_shape:.1f} s, {roof['per_shape_gmac_per_second']:.0f} GMAC/s**."
+                    f"{mine}\n",
+                    timing.table(["level", "shapes", "batch", "generator GMAC/ex", "seconds alone",
+                                  "GMAC/s", "GMAC/s per shape"], rows)]
         if ours and not roof["native_bf16"]:
             rate = ours["generator_gmac_per_example"] / ours["seconds_per_example"]
             targets.append(("search without native bf16: within 15% of the float32 roofline",
                             f"{rate / roof['gmac_per_second']:.0%} of {roof['gmac_per_second']:.0f} GMAC/s",
                             rate >= 0.85 * roof["gmac_per_second"]))
+            if "per_shape" in roof:
+                share = roof["per_shape_seconds_per_example"] / ours["seconds_per_example"]
+                targets.append(("(the same against the per-shape roofline, for reference)",
+                                f"{share:.0%} of {roof['per_shape_gmac_per_second']:.0f} GMAC/s", share >= 0.85))
 
     # Where the time goes.
     picks = [(f"naive, {n}", _find(searches, task=first, mode=NAIVE, examples=n)) for n in (1,)] + \
