@@ -721,8 +721,9 @@ def render(report: dict) -> str:
                 shapes = [s for s in roof["per_shape"] if s["level"] == lv]
                 gmac = sum(s["gmac_per_example"] for s in shapes)
                 seconds = sum(s["gmac_per_example"] / s["gmac_per_second"] for s in shapes)
-                rows.append([lv, len(shapes), shapes[0]["batch"], f"{gmac:.0f}", f"{seconds:.1f}", f"{gmac / seconds:.0f}",
-                             f"{min(s['gmac_per_second'] for s in shapes):.0f}-{max(s['gmac_per_second'] for s in shapes):.0f}"])
+                rates = [s["gmac_per_second"] for s in shapes]
+                rows.append([lv, len(shapes), shapes[0]["batch"], f"{gmac:.0f}", f"{seconds:.1f}",
+                             f"{gmac / seconds:.0f}", f"{min(rates):.0f}-{max(rates):.0f}"])
             per_shape = roof["per_shape_seconds_per_example"]
             mine = (f" Ours (float32, 1 example) took {ours['seconds_per_example']:.1f} s: "
                     f"{per_shape / ours['seconds_per_example']:.0%} of the per-shape roofline."
