@@ -180,32 +180,19 @@ def phase_roofline(spec: dict, device: torch.device) -> dict:
     weighted = {key: macs * pools[key[0]] for key, macs in costs.items()}
     top = max(weighted, key=weighted.get)
 
-    def rate(level: int, cin: int, cout: int, h: int, w: int, batch: int) -> float:
+    def measure(key: tuple[int, int, int, int, int], macs: int) -> dict:
+        level, cin, cout, h, w = key
+        batch = min(pools[level], level_batch(config.search.max_batch, targets[level]))
         conv = torch.nn.Conv2d(cin, cout, 3, padding=1).to(device).to(memory_format=torch.channels_last)
         x = torch.randn(batch, cin, h, w, device=device).contiguous(memory_format=torch.channels_last)
-        now, best = timing.clock(device), None
         with torch.inference_mode():
-            for _ in range(spec["reps"] + 1):  # the first is a warm-up
-                timing.sync(device)
-                started = now()
-                conv(x)
-                timing.sync(device)
-                seconds = now() - started
-                best = seconds if best is None or seconds < best else best
-        return batch * cout * cin * 9 * h * w / 1e9 / best
+            seconds, _ = timing.best_of(lambda: conv(x), spec["reps"], device)
+        return {"level": level, "shape": [cin, cout, h, w], "batch": batch, "gmac_per_example": macs / 1e9,
+                "gmac_per_second": batch * cout * cin * 9 * h * w / 1e9 / seconds}
 
-    def batch(level: int) -> int:
-        return min(pools[level], level_batch(config.search.max_batch, targets[level]))
-
-    shapes = [{"level": key[0], "shape": list(key[1:]), "batch": batch(key[0]), "gmac_per_example": macs / 1e9,
-               "gmac_per_second": rate(*key, batch(key[0]))} for key, macs in sorted(weighted.items())]
-    (level, cin, cout, h, w), best = top, next(s for s in shapes if (s["level"], *s["shape"]) == top)
-    seconds = sum(s["gmac_per_example"] / s["gmac_per_second"] for s in shapes)
-    return {"level": level, "shape": [cin, cout, h, w], "batch": best["batch"],
-            "gmac_per_second": best["gmac_per_second"],
-            "share_of_search_macs": weighted[top] / sum(weighted.values()), "native_bf16": native_bf16(device),
-            "per_shape": shapes, "per_shape_seconds_per_example": seconds,
-            "per_shape_gmac_per_second": sum(s["gmac_per_example"] for s in shapes) / seconds,
+    shapes = {key: measure(key, macs) for key, macs in sorted(weighted.items())}
+    return {**shapes[top], "share_of_search_macs": weighted[top] / sum(weighted.values()),
+            "native_bf16": native_bf16(device), "per_shape": list(shapes.values()),
             "peak_rss_gib": timing.peak_rss_gib()}
 
 
@@ -245,19 +232,10 @@ def phase_levers(spec: dict, device: torch.device) -> dict:
         raw, _ = generator.render_level(prefix.repeat(codes.shape[0]), codes)
         return lpips.features(task.image(raw, inputs, level))[-1]
 
-    now = timing.clock(device)
-
     def timed(fn, reps: int) -> float:
         """Milliseconds per candidate, best of `reps` after a warm-up."""
-        fn()
-        best = float("inf")
-        for _ in range(reps):
-            timing.sync(device)
-            started = now()
-            out = fn()
-            timing.sync(device)
-            best = min(best, now() - started)
-        return best / out.shape[0] * 1000
+        seconds, out = timing.best_of(fn, reps, device)
+        return seconds / out.shape[0] * 1000
 
     reps = spec["reps"]
     rows = {}
@@ -611,6 +589,12 @@ def _find(results: list[dict], **match) -> dict | None:
     return next((r for r in results if all(r.get(k) == v for k, v in match.items())), None)
 
 
+def _per_shape_roofline(roof: dict) -> tuple[float, float]:
+    """(seconds per example, GMAC/s) of the search's convolutions each as fast as alone (the roofline phase)."""
+    seconds = sum(s["gmac_per_example"] / s["gmac_per_second"] for s in roof["per_shape"])
+    return seconds, sum(s["gmac_per_example"] for s in roof["per_shape"]) / seconds
+
+
 def render(report: dict) -> str:
     results = report["results"]
     searches = [r for r in results if r["phase"] == "search"]
@@ -724,13 +708,13 @@ def render(report: dict) -> str:
                 rates = [s["gmac_per_second"] for s in shapes]
                 rows.append([lv, len(shapes), shapes[0]["batch"], f"{gmac:.0f}", f"{seconds:.1f}",
                              f"{gmac / seconds:.0f}", f"{min(rates):.0f}-{max(rates):.0f}"])
-            per_shape = roof["per_shape_seconds_per_example"]
+            per_shape, per_shape_rate = _per_shape_roofline(roof)
             mine = (f" Ours (float32, 1 example) took {ours['seconds_per_example']:.1f} s: "
                     f"{per_shape / ours['seconds_per_example']:.0%} of the per-shape roofline."
                     if ours else "")
             out += ["The per-shape roofline (same phase): every convolution shape of the search alone, at its level's "
                     "batch, repeated; seconds per example if each of the search's convolutions ran that fast with "
-                    f"nothing between them: **{per_shape:.1f} s, {roof['per_shape_gmac_per_second']:.0f} GMAC/s**."
+                    f"nothing between them: **{per_shape:.1f} s, {per_shape_rate:.0f} GMAC/s**."
                     f"{mine}\n",
                     timing.table(["level", "shapes", "batch", "generator GMAC/ex", "seconds alone",
                                   "GMAC/s", "GMAC/s per shape"], rows)]
@@ -740,9 +724,10 @@ def render(report: dict) -> str:
                             f"{rate / roof['gmac_per_second']:.0%} of {roof['gmac_per_second']:.0f} GMAC/s",
                             rate >= 0.85 * roof["gmac_per_second"]))
             if "per_shape" in roof:
-                share = roof["per_shape_seconds_per_example"] / ours["seconds_per_example"]
+                per_shape, per_shape_rate = _per_shape_roofline(roof)
+                share = per_shape / ours["seconds_per_example"]
                 targets.append(("(the same against the per-shape roofline, for reference)",
-                                f"{share:.0%} of {roof['per_shape_gmac_per_second']:.0f} GMAC/s", share >= 0.85))
+                                f"{share:.0%} of {per_shape_rate:.0f} GMAC/s", share >= 0.85))
 
     # Where the time goes.
     picks = [(f"naive, {n}", _find(searches, task=first, mode=NAIVE, examples=n)) for n in (1,)] + \

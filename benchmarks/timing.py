@@ -50,6 +50,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def best_of(fn, reps: int, device: torch.device):
+    """(seconds of the fastest of `reps` calls of `fn` after a warm-up call, by `clock`; the last call's output)."""
+    fn()
+    now, best, out = clock(device), float("inf"), None
+    for _ in range(reps):
+        sync(device)
+        started = now()
+        out = fn()
+        sync(device)
+        best = min(best, now() - started)
+    return best, out
+
+
 def rss_gib() -> float:
     """Resident memory now (Linux /proc), GiB."""
     with open("/proc/self/statm") as f:

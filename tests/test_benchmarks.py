@@ -337,8 +337,7 @@ def test_speed_report_reads_the_search_against_the_per_shape_roofline():
     roof.update(native_bf16=False, per_shape=[
         {"level": 0, "shape": [8, 16, 8, 8], "batch": 64, "gmac_per_example": 100.0, "gmac_per_second": 10.0},
         {"level": 0, "shape": [16, 16, 8, 8], "batch": 64, "gmac_per_example": 200.0, "gmac_per_second": 20.0},
-        {"level": 1, "shape": [16, 8, 16, 16], "batch": 32, "gmac_per_example": 500.0, "gmac_per_second": 50.0}],
-        per_shape_seconds_per_example=30.0, per_shape_gmac_per_second=800 / 30)
+        {"level": 1, "shape": [16, 8, 16, 16], "batch": 32, "gmac_per_example": 500.0, "gmac_per_second": 50.0}])
     text = speed.render(report)
     assert "| 0 | 2 | 64 | 300 | 20.0 | 15 | 10-20 |" in text and "| 1 | 1 | 32 | 500 | 10.0 | 50 | 50-50 |" in text
     share = 30.0 / ours["seconds_per_example"]
