@@ -11,11 +11,12 @@ schedule (warm-up, cosine, EMA) within it: its number of rounds is the budget di
 its rounds. That is the reference configuration's round time, measured once per task (the least of three) and
 kept in the work folder, times the configuration's cost relative to the reference: 1 where the settings that
 decide the cost are the same (`cost_key`), else measured by timing both alternately in one process. So the
-rounds of a configuration do not move with the load of the machine at the time it was calibrated. (Adaptive IMLE
-searches fewer examples than a round's calibration assumes: it gets the rounds of a plain search and uses less
-CPU time, which the report shows.) Each (configuration,
-seed) runs in its own one-thread process, `--jobs` at a time; finished runs are kept in `--work`, so a killed
-benchmark continues where it stopped and adding a configuration only trains the new one.
+rounds of a configuration do not move with the load of the machine at the time it was calibrated. A configuration
+whose last rounds switch to a dearer distance (train.final_rounds) pays for those at their own calibrated cost and
+gets the rest of the budget at the cost of the others (rounds_within). (Adaptive IMLE searches fewer examples than
+a round's calibration assumes: it gets the rounds of a plain search and uses less CPU time, which the report
+shows.) Each (configuration, seed) runs in its own one-thread process, `--jobs` at a time; finished runs are kept
+in `--work`, so a killed benchmark continues where it stopped and adding a configuration only trains the new one.
 
 Scoring (LPIPS-VGG throughout, 8 samples per input, seed 0), on two held-out sets never trained on:
     builtin   the demo's 12 tiles: four 128 px tiles from the centre of each built-in held-out photo
@@ -104,6 +105,12 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "EMA 0.995 + L1 0.5": [*BEFORE, "train.ema=0.995", "train.pixel_weight=0.5"],
     "EMA 0.995 + 126 photos + lr 0.004": [*BEFORE, "train.ema=0.995", PHOTOS, "train.lr=0.004"],
     "EMA 0.995 + 126 photos + LPIPS-VGG loss": [*BEFORE, "train.ema=0.995", PHOTOS, "train.perceptual=vgg"],
+    # The built-in models' two stages within one run: LPIPS-AlexNet while the codes come into use, then the
+    # paper's LPIPS-VGG for the last rounds (a VGG fine-tune kept the built-in decompression model's diversity).
+    "EMA 0.995 + 126 photos + lr 0.004, VGG last 4": [*BEFORE, "train.ema=0.995", PHOTOS, "train.lr=0.004",
+                                                      "train.final_perceptual=vgg", "train.final_rounds=4"],
+    "EMA 0.995 + 126 photos + lr 0.004, VGG last 6": [*BEFORE, "train.ema=0.995", PHOTOS, "train.lr=0.004",
+                                                      "train.final_perceptual=vgg", "train.final_rounds=6"],
     "small": [],
 }
 MIN_PHOTOS = manifold.DENSITY_COVERAGE_K + 1  # coverage's k nearest neighbours need k + 1 real images per set
@@ -186,7 +193,7 @@ def cost_key(config) -> str:
     m, d, s, t = config.model, config.data, config.search, config.train
     return json.dumps([dataclasses.asdict(m), d.crop, d.crop_width, s.samples_per_level, s.flat, s.flat_samples,
                        s.zero_codes, s.max_batch, t.batch_size, t.steps_per_round, t.round_size, t.perceptual,
-                       t.pixel_weight > 0])
+                       t.pixel_weight > 0, t.final_perceptual, t.final_rounds])
 
 
 def round_seconds(config) -> float:
@@ -218,14 +225,19 @@ def round_seconds(config) -> float:
     return search_seconds + t.steps_per_round * min(times[1:])
 
 
-def calibrate(task: str, name: str) -> dict:
-    """What a round of the configuration costs: the reference's (REFERENCE) CPU seconds per round, measured once
-    per task and kept, times this configuration's cost relative to it. The ratio is 1 where the cost key is the
-    same; otherwise both are timed alternately in this process and the least of each taken, so that other work
-    on the machine affects both alike."""
-    reference, config = job_config(task, REFERENCE), job_config(task, name)
-    if name == REFERENCE:
-        return {"round_seconds": min(round_seconds(reference) for _ in range(3)), "ratio": 1.0}
+def one_distance(config, final: bool = False):
+    """`config` with one distance for the whole run: train.perceptual's, or with `final` the one of its last
+    train.final_rounds rounds (the two parts of a run that switches cost differently)."""
+    t = config.train
+    train = dataclasses.replace(t, perceptual=t.final_perceptual if final else t.perceptual, final_perceptual="",
+                                final_rounds=0)
+    return dataclasses.replace(config, train=train)
+
+
+def relative_cost(reference, config) -> dict:
+    """The CPU time of a round of `config` as a ratio to one of `reference`: 1 where the cost key is the same;
+    otherwise both are timed alternately in this process and the least of each taken, so that other work on the
+    machine affects both alike."""
     if cost_key(config) == cost_key(reference):
         return {"ratio": 1.0, "same_cost_as": REFERENCE}
     times = {"reference": [], "config": []}
@@ -233,6 +245,33 @@ def calibrate(task: str, name: str) -> dict:
         times["reference"].append(round_seconds(reference))
         times["config"].append(round_seconds(config))
     return {"ratio": min(times["config"]) / min(times["reference"]), "times": times}
+
+
+def calibrate(task: str, name: str) -> dict:
+    """What a round of the configuration costs: the reference's (REFERENCE) CPU seconds per round, measured once
+    per task and kept, times this configuration's cost relative to it (relative_cost). A configuration that
+    switches its distance for its last rounds (train.final_rounds) gets the ratio of each part ("final": the
+    last rounds')."""
+    reference, config = job_config(task, REFERENCE), job_config(task, name)
+    if name == REFERENCE:
+        return {"round_seconds": min(round_seconds(reference) for _ in range(3)), "ratio": 1.0}
+    cost = relative_cost(reference, one_distance(config))
+    if config.train.final_rounds:
+        cost["final"] = relative_cost(reference, one_distance(config, final=True))
+    return cost
+
+
+def rounds_within(budget_rounds: float, cost: dict, final_rounds: int, name: str) -> int:
+    """The rounds of a configuration that fit the CPU time of `budget_rounds` rounds of the reference, given its
+    calibration (`cost`): its train.final_rounds at their own cost, the rest at the cost of the others."""
+    if not final_rounds:
+        return max(2, round(budget_rounds / cost["ratio"]))
+    before = round((budget_rounds - final_rounds * cost["final"]["ratio"]) / cost["ratio"])
+    if before < 1:
+        last = final_rounds * cost["final"]["ratio"]
+        raise SystemExit(f"{name}: its last {final_rounds} rounds alone take {last:.1f} rounds of {REFERENCE}, more "
+                         f"than the budget's {budget_rounds:.1f}: give it a larger --budget or fewer train.final_rounds")
+    return before + final_rounds
 
 
 def train_and_score(task: str, name: str, seed: int, budget: float, rounds: int, out: Path, photos: int | None
@@ -359,8 +398,8 @@ def run(task: str, budget: float, names: list[str], seeds: list[int], jobs: int,
     runs = []
     for seed in seeds:
         for n in names:
-            ratio = json.loads(Path(calibration(n)["result"]).read_text())["ratio"]
-            rounds = max(2, round(budget * 60 / (anchor * ratio)))
+            cost = json.loads(Path(calibration(n)["result"]).read_text())
+            rounds = rounds_within(budget * 60 / anchor, cost, job_config(task, n).train.final_rounds, n)
             folder = base / slug(n) / f"budget-{budget:g}" / f"seed-{seed}"
             runs.append({"kind": "train", "task": task, "config": n, "seed": seed, "budget": budget, "rounds": rounds,
                          "photos": photos, "out": str(folder), "result": str(folder.with_suffix(".json"))})

@@ -202,6 +202,25 @@ def test_every_quality_configuration_is_a_valid_config_of_every_task(task):
         assert quality.job_config(task, name).task == task, name
 
 
+def test_quality_budget_pays_a_switching_configurations_last_rounds_at_their_own_cost():
+    """A configuration whose last rounds use a dearer distance (train.final_rounds) gets fewer rounds than the
+    budget holds at the reference's cost: those rounds at their calibrated cost, the rest at the others'."""
+    import quality
+
+    plain = {"ratio": 1.0, "same_cost_as": quality.REFERENCE}
+    assert quality.rounds_within(22.0, plain, 0, "plain") == 22
+    switching = {**plain, "final": {"ratio": 2.5, "times": {}}}
+    assert quality.rounds_within(22.0, switching, 4, "switching") == 4 + 12  # 4 x 2.5 = 10 of the 22
+    with pytest.raises(SystemExit, match="more than the budget's 22.0"):
+        quality.rounds_within(22.0, switching, 9, "switching")
+    config = quality.job_config("decompression", "EMA 0.995 + 126 photos + lr 0.004, VGG last 4")
+    first, last = quality.one_distance(config), quality.one_distance(config, final=True)
+    assert (first.train.perceptual, last.train.perceptual) == ("alex", "vgg")
+    assert first.train.final_rounds == last.train.final_rounds == 0
+    reference = quality.job_config("decompression", quality.REFERENCE)
+    assert quality.cost_key(first) == quality.cost_key(reference) != quality.cost_key(last)
+
+
 def test_quality_jobs_stop_when_their_driver_stops(tmp_path, monkeypatch):
     """Stopping the benchmark (Ctrl-C, or a kill of its driver) used to leave its one-thread job processes
     training on, unseen; they now stop with it, and their results stay unwritten."""

@@ -1,4 +1,5 @@
-"""The training recipe's options: initialisation, learning-rate schedule, weight average (EMA), rejection sampling."""
+"""The training recipe's options: initialisation, learning-rate schedule, the distance of the last rounds, weight
+average (EMA), rejection sampling."""
 
 import math
 import os
@@ -21,7 +22,7 @@ from chimle.perceptual import LPIPS, Distance
 from chimle.search import hierarchical_search, reject
 from chimle.tasks import get
 from chimle.train import draw_round, learning_rate_factor, search_round, train, training_set
-from conftest import randomize, tiny_config
+from conftest import metric_records, randomize, tiny_config
 from test_search import planted_targets
 
 
@@ -71,6 +72,29 @@ def test_stable_decay_holds_the_rate_then_decays_over_the_last_rounds():
     assert factors[40:] == pytest.approx([0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * s / 19)) for s in range(20)])
     # Extending the run to 8 rounds moves the decay to its new end: the first 6 rounds are as a constant run's.
     assert [learning_rate_factor(t, step, 80) for step in range(60)] == [1.0] * 60
+
+
+def test_the_last_rounds_search_and_train_with_the_final_distance_and_resume_exactly(tmp_path):
+    settings = ["train.rounds=3", "train.steps_per_round=4", "train.checkpoint_every=2"]
+    switching = [*settings, "train.final_perceptual=vgg", "train.final_rounds=1"]
+    plain, whole, killed = tmp_path / "plain", tmp_path / "whole", tmp_path / "killed"
+    train(tiny_config("super-resolution", *settings), plain)
+    train(tiny_config("super-resolution", *switching), whole)
+    a, b = metric_records(plain), metric_records(whole)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        key = "distance_per_level" if x["event"] == "search" else "loss_per_level"
+        same = x[key] == y[key]
+        assert same == (x["round"] < 2), (x, y)  # AlexNet's distance until the last round, then VGG's
+    # Killed in the last round before its first checkpoint: the resumed run searches that round again, with VGG.
+    command = [sys.executable, "-m", "chimle", "train", "--preset", "tiny", "--out", str(killed),
+               *[f"-o{s}" for s in switching]]
+    env = {**os.environ, CRASH_VARIABLE: "step:9", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    train(tiny_config("super-resolution", *switching), killed, resume=True)
+    wa, wb = load_file(str(whole / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_weight_average_follows_the_weights_with_a_warm_up_of_its_decay():
@@ -132,6 +156,9 @@ def test_recipe_settings_are_validated():
                               ("train.lr_final=2", r"lr_final=2.0 in \[0, 1\]"),
                               ("train.schedule=stable-decay", "decay_rounds=0 must be >= 1"),
                               ("train.decay_rounds=3", "0 with any other schedule"),
+                              ("train.final_perceptual=vgg", "final_rounds=0 must be >= 1"),
+                              ("train.final_rounds=2", "0 without it"),
+                              ("train.final_perceptual=resnet", "must be 'vgg', 'alex' or ''"),
                               ("search.adaptive=true", "needs a fixed set of examples"),
                               ("train.examples=5", "multiple of train.round_size"),
                               ("search.adaptive_min_visits=40", "adaptive_min_visits=40 <= adaptive_max_visits=30")]:

@@ -101,6 +101,8 @@ class TrainConfig:
     beta2: float = 0.999  # Adam beta2 (paper: 0.999)
     mapping_lr_scale: float = 0.01  # learning-rate factor of the mapping networks (paper: 0.01)
     perceptual: str = "vgg"  # LPIPS backbone for search and loss: vgg (paper) | alex (cheaper)
+    final_perceptual: str = ""  # LPIPS backbone for search and loss over the last final_rounds rounds: vgg | alex | "" (train.perceptual throughout)
+    final_rounds: int = 0  # the last rounds that use final_perceptual (a run extended later switches at its new end)
     pixel_weight: float = 0.0  # weight of a mean-absolute-error term added to LPIPS in search and loss (paper: 0)
     seed: int = 0  # seed of crops, augmentation, candidate pools and initial weights
     checkpoint_every: int = 1000  # optimisation steps between checkpoints
@@ -403,6 +405,11 @@ def validate(config: Config) -> None:
         problems.append(f"train.pixel_weight={t.pixel_weight} must be >= 0")
     if t.perceptual not in ("vgg", "alex"):
         problems.append(f"train.perceptual={t.perceptual!r} must be 'vgg' or 'alex'")
+    if t.final_perceptual not in ("", "vgg", "alex"):
+        problems.append(f"train.final_perceptual={t.final_perceptual!r} must be 'vgg', 'alex' or '' (none)")
+    if bool(t.final_perceptual) != (t.final_rounds > 0) or t.final_rounds < 0:
+        problems.append(f"train.final_rounds={t.final_rounds} must be >= 1 with train.final_perceptual set and 0 "
+                        f"without it (train.final_perceptual={t.final_perceptual!r})")
     for name in ("crop", "crop_width"):
         value = getattr(d, name)
         if m.levels <= MAX_LEVELS and (name == "crop" or value) and (value < 2**m.levels or value % 2**m.levels):

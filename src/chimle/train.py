@@ -233,10 +233,11 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, t: TrainConfig, step: in
 ADAM = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
-def make_distance(config: Config) -> Distance:
-    """The distance a model of `config` is searched and trained with: LPIPS (train.perceptual) plus
-    train.pixel_weight x L1."""
-    return Distance(LPIPS(config.train.perceptual), config.train.pixel_weight)
+def make_distance(config: Config, final: bool = False) -> Distance:
+    """The distance a model of `config` is searched and trained with: LPIPS (train.perceptual; with `final`,
+    train.final_perceptual, the one of the run's last train.final_rounds rounds) plus train.pixel_weight x L1."""
+    t = config.train
+    return Distance(LPIPS(t.final_perceptual if final else t.perceptual), t.pixel_weight)
 
 
 def make_optimizer(config: Config, generator: Generator, implementation: str = "fused") -> torch.optim.Adam:
@@ -280,10 +281,18 @@ class Run:
     bar: tqdm | None = None
     bad_steps: int = 0  # consecutive non-finite losses
     losses: Callable[..., torch.Tensor] = level_losses  # the step's forward: level_losses, compiled where train.compile
+    final_distance: Distance | None = None  # the distance of the last train.final_rounds rounds, if they differ
 
     @property
     def total_steps(self) -> int:
         return self.rounds * self.config.train.steps_per_round
+
+    def distance_of(self, number: int) -> Distance:
+        """The distance that searches and trains round `number` (0-based): train.final_perceptual's over the
+        run's last train.final_rounds rounds, else train.perceptual's. It depends on the round alone, so a
+        resumed run switches where an uninterrupted one does."""
+        final = self.final_distance is not None and number >= self.rounds - self.config.train.final_rounds
+        return self.final_distance if final else self.distance
 
     @property
     def sampler(self) -> Generator:
@@ -308,7 +317,8 @@ def train(config: Config | None, out: str | Path, resume: bool = False, device: 
     _check_world(config, world)
     start = _starting_weights(init, config, state, world)
     t = config.train
-    weights_lib.resolve(f"lpips-{t.perceptual}")  # missing LPIPS weights: say so before anything is written
+    for network in {t.perceptual, t.final_perceptual} - {""}:  # missing LPIPS weights: say so before writing
+        weights_lib.resolve(f"lpips-{network}")
     compiling = [name for name, on in (("train.compile", t.compile), ("search.compile", config.search.compile)) if on]
     if compiling and device.type == "cpu" and not c_compiler():
         raise ConfigError(f"{' and '.join(f'{n}=true' for n in compiling)}: torch.compile needs a C++ compiler to "
@@ -329,7 +339,8 @@ def train(config: Config | None, out: str | Path, resume: bool = False, device: 
               total_rounds(config, len(dataset)), world, WeightAverage(generator, t.ema) if t.ema else None,
               on_save if world.is_main else None,
               # Training shapes are fixed: compiled, one graph serves every step (and, cached on disk, a resumed run).
-              losses=torch.compile(level_losses, dynamic=False) if t.compile else level_losses)
+              losses=torch.compile(level_losses, dynamic=False) if t.compile else level_losses,
+              final_distance=make_distance(config, final=True).to(device) if t.final_rounds else None)
     if config.search.adaptive:
         run.adaptive = AdaptiveState.empty(t.examples, config.search.samples_per_level)
     step, search = 0, None
@@ -337,7 +348,8 @@ def train(config: Config | None, out: str | Path, resume: bool = False, device: 
         step, search = _restore(run, state)
         files.log(f"resumed at step {step} from {state['file']}")
     elif not resume:
-        files.log(f"{len(dataset)} training images from {folder}; {run.rounds} rounds of {t.steps_per_round} steps")
+        files.log(f"{len(dataset)} training images from {folder}; {run.rounds} rounds of {t.steps_per_round} steps"
+                  + (f", the last {t.final_rounds} with LPIPS-{t.final_perceptual}" if t.final_rounds else ""))
     if start is not None:
         _start_from(run, start, init)
 
@@ -421,7 +433,7 @@ def _search(run: Run, batch: Round, step: int) -> SearchResult:
     t = run.config.train
     run.bar.set_description(f"round {batch.number + 1}/{run.rounds} search")
     started = time.perf_counter()
-    search = search_round(run.config, run.generator, run.distance, batch, run.world, run.adaptive)
+    search = search_round(run.config, run.generator, run.distance_of(batch.number), batch, run.world, run.adaptive)
     seconds = time.perf_counter() - started
     run.files.metrics({"event": "search", "round": batch.number, "step": step, "seconds": round(seconds, 3),
                        "examples_per_second": round(t.round_size / seconds, 3),
@@ -473,9 +485,10 @@ def _step(run: Run, batch: Round, index: torch.Tensor, step: int) -> torch.Tenso
     """One Adam step on the examples `index` of the round, gradients averaged over the processes; a non-finite
     loss skips the step (and, repeated, stops training). Returns the per-level losses, averaged likewise."""
     run.generator.train()
-    losses = run.losses(run.generator, run.distance, tasks.get(run.config.task), [x[index] for x in batch.inputs],
-                          [y[index] for y in batch.targets], [c[index] for c in batch.codes],
-                          None if batch.weights is None else [w[index] for w in batch.weights])
+    losses = run.losses(run.generator, run.distance_of(batch.number), tasks.get(run.config.task),
+                        [x[index] for x in batch.inputs], [y[index] for y in batch.targets],
+                        [c[index] for c in batch.codes],
+                        None if batch.weights is None else [w[index] for w in batch.weights])
     run.optimizer.zero_grad(set_to_none=True)
     loss = losses.sum()
     if torch.isfinite(loss):
