@@ -301,8 +301,9 @@ def train_and_score(task: str, name: str, seed: int, budget: float, rounds: int,
     for snap in snapshots[:-1]:
         snap["scores"] = score(Path(snap["file"]), {"builtin": sets["builtin"]}, False, lpips)
     snapshots[-1]["scores"] = score(Path(snapshots[-1]["file"]), sets, True, lpips, inception)
+    cpu = common.cpu()
     return {"task": task, "config": name, "overrides": CONFIGS[name], "seed": seed, "budget_minutes": budget,
-            "rounds": rounds, "steps": rounds * steps_per_round, "train_cpu_seconds": train_cpu,
+            "cpu_model": cpu["cpu_model"], "cpu_flags": cpu["cpu_flags"], "rounds": rounds, "steps": rounds * steps_per_round, "train_cpu_seconds": train_cpu,
             "score_cpu_seconds": time.process_time() - scoring_started,
             "final": snapshots[-1]["scores"], "curve": [{k: s[k] for k in ("step", "cpu_seconds", "scores")}
                                                         for s in snapshots]}
@@ -426,6 +427,7 @@ def summarise(results: list[dict]) -> dict:
             sets = {s: {m: common.spread([r["final"][s].get(m) for r in rs]) for m, _ in COLUMNS}
                     for s in rs[0]["final"]}
             table[key][name] = {"sets": sets, "seeds": sorted(r["seed"] for r in rs), "rounds": rs[0]["rounds"],
+                                "cpu_models": sorted({r["cpu_model"] for r in rs if r.get("cpu_model")}),
                                 "train_cpu_minutes": common.spread([r["train_cpu_seconds"] / 60 for r in rs]),
                                 "overrides": rs[0]["overrides"],
                                 "baseline_lpips": {s: rs[0]["final"][s]["baseline"] for s in rs[0]["final"]}}
@@ -434,7 +436,14 @@ def summarise(results: list[dict]) -> dict:
 
 def markdown(table: dict, run: dict) -> str:
     lines = ["# Quality at a fixed CPU budget", "", common.run_line(run), "",
-             f"Machine: {run['machine'].get('cpu_model')}; flags {run['machine'].get('cpu_flags')}.", "",
+             f"Machine: {run['machine'].get('cpu_model')}; flags {run['machine'].get('cpu_flags')}.", ""]
+    if run.get("earlier"):
+        lines += ["Results kept from earlier runs of this benchmark (`--keep`; a budget is CPU-minutes of the machine "
+                  "a row ran on, and each table says which machines its rows ran on where they recorded it):", ""]
+        lines += [f"- `{e['command']}` on {e['machine'].get('cpu_model')} ({e['machine'].get('torch_cpu_capability')})"
+                  for e in run["earlier"]]
+        lines.append("")
+    lines += [
              "Ratios are LPIPS-VGG to the ground truth divided by the baseline's (bicubic / grey / JPEG), mean ± std over "
              "seeds; lower is better. Diversity: mean LPIPS-VGG between two samples of one input. KID: Inception "
              f"pool3, {KID_SAMPLES} samples per input against the targets; precision and recall (k = 3) and coverage (k = 5) "
@@ -443,6 +452,9 @@ def markdown(table: dict, run: dict) -> str:
              "better; colourization: mean |ΔL|, lower is better).", ""]
     for key, configs in table.items():
         lines += [f"## {key}", ""]
+        machines = sorted({m for row in configs.values() for m in row.get("cpu_models", [])})
+        if machines:
+            lines += [f"Rows that recorded their machine ran on: {', '.join(machines)}.", ""]
         ref = reference_of(configs)
         sets = list(next(iter(configs.values()))["sets"])
         for s in sets:
@@ -524,6 +536,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", nargs="+", default=None, help=f"configurations to run (default all): {list(CONFIGS)}")
     parser.add_argument("--jobs", type=int, default=2, help="one-thread processes at a time (default 2)")
     parser.add_argument("--photos", type=int, default=30, help="held-out photos of the open photo set to score on")
+    parser.add_argument("--keep", type=Path, metavar="JSON", help="keep the results of an earlier report (e.g. "
+                        "benchmarks/results/quality.json) beside this run's, which replace any of the same task, "
+                        "budget, configuration and seed")
     parser.add_argument("--job", type=Path, help=argparse_suppress())
     args = parser.parse_args(argv)
     if args.job:
@@ -531,7 +546,7 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or WORK
     if args.rewrite:
         saved = common.read_run(args.rewrite)
-        results, record = saved["results"], {k: saved[k] for k in common.RUN_KEYS}
+        results, record = saved["results"], {k: saved[k] for k in (*common.RUN_KEYS, "earlier") if k in saved}
     else:
         names = args.configs or list(CONFIGS)
         unknown = [n for n in names if n not in CONFIGS]
@@ -548,12 +563,25 @@ def main(argv: list[str] | None = None) -> None:
         run(args.task, budget, names, seeds, args.jobs, work, photos)
         record = common.run_record(clock, load_before)
         results = [json.loads(p.read_text()) for p in sorted(work.glob("*/*/budget-*/seed-*.json"))]
+        if args.keep:
+            results, record["earlier"] = keep(common.read_run(args.keep), results)
     table = summarise(results)
     text = markdown(table, record)
     common.write("quality", text, {**record, "summary": table, "results": results}, args.out)
     plot(results, args.out / "quality.png")
     print(text)
     print(f"wrote {args.out / 'quality.md'}, {args.out / 'quality.json'} and {args.out / 'quality.png'}")
+
+
+def keep(earlier: dict, results: list[dict]) -> tuple[list[dict], list[dict]]:
+    """An earlier report's results with this run's added (replacing any of the same task, budget, configuration
+    and seed), and the records of the runs they came from (the earlier report's own, then those it kept)."""
+    def identity(r):
+        return r["task"], r["budget_minutes"], r["config"], r["seed"]
+
+    new = {identity(r) for r in results}
+    kept = [r for r in earlier["results"] if identity(r) not in new]
+    return kept + results, [{k: earlier[k] for k in common.RUN_KEYS}, *earlier.get("earlier", [])]
 
 
 def argparse_suppress():

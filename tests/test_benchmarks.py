@@ -221,6 +221,39 @@ def test_quality_budget_pays_a_switching_configurations_last_rounds_at_their_own
     assert quality.cost_key(first) == quality.cost_key(reference) != quality.cost_key(last)
 
 
+def test_quality_keeps_an_earlier_reports_results_and_names_the_runs_they_came_from():
+    """--keep: a report's results beside this run's; a result of the same task, budget, configuration and seed is
+    replaced by this run's, and the report names every run its rows came from."""
+    import quality
+
+    def result(config, seed, ratio, cpu_model=None):
+        final = {"builtin": {"ratio_best": ratio, "baseline": 0.36}}
+        return {"task": "decompression", "budget_minutes": 14.0, "config": config, "seed": seed, "rounds": 22,
+                "train_cpu_seconds": 840.0, "overrides": [], "final": final, "curve": [],
+                **({"cpu_model": cpu_model} if cpu_model else {})}
+
+    def record(command, cpu_model):
+        return {"command": command, "wall_seconds": 60.0, "cpu_seconds": 60.0, "load_average_before": [0, 0, 0],
+                "load_average_after": [0, 0, 0], "machine": {"cpu_model": cpu_model, "cpus": 2, "omp_num_threads": "1"}}
+
+    older = record("python benchmarks/quality.py --seeds 0", "Old CPU")
+    earlier = {**record("python benchmarks/quality.py --seeds 0 1", "Xeon"), "earlier": [older],
+               "results": [result("small", 0, 0.90), result("small", 1, 0.91)]}
+    results, runs = quality.keep(earlier, [result("small", 1, 0.80, "EPYC"), result("+ EMA 0.995", 0, 0.85, "EPYC")])
+    assert sorted((r["config"], r["seed"], r["final"]["builtin"]["ratio_best"]) for r in results) == [
+        ("+ EMA 0.995", 0, 0.85), ("small", 0, 0.90), ("small", 1, 0.80)]
+    assert [r["command"] for r in runs] == ["python benchmarks/quality.py --seeds 0 1",
+                                            "python benchmarks/quality.py --seeds 0"]
+    for r in results:
+        r["final"]["builtin"].update(ratio_mean=None, diversity=None, kid=None, precision=None, recall=None,
+                                     coverage=None, consistency=None)
+    text = quality.markdown(quality.summarise(results), {**record("python benchmarks/quality.py --keep x", "EPYC"),
+                                                         "earlier": runs})
+    assert "- `python benchmarks/quality.py --seeds 0 1` on Xeon" in text
+    assert "- `python benchmarks/quality.py --seeds 0` on Old CPU" in text
+    assert "Rows that recorded their machine ran on: EPYC." in text
+
+
 def test_quality_jobs_stop_when_their_driver_stops(tmp_path, monkeypatch):
     """Stopping the benchmark (Ctrl-C, or a kill of its driver) used to leave its one-thread job processes
     training on, unseen; they now stop with it, and their results stay unwritten."""
