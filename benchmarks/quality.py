@@ -303,7 +303,8 @@ def train_and_score(task: str, name: str, seed: int, budget: float, rounds: int,
     snapshots[-1]["scores"] = score(Path(snapshots[-1]["file"]), sets, True, lpips, inception)
     cpu = common.cpu()
     return {"task": task, "config": name, "overrides": CONFIGS[name], "seed": seed, "budget_minutes": budget,
-            "cpu_model": cpu["cpu_model"], "cpu_flags": cpu["cpu_flags"], "rounds": rounds, "steps": rounds * steps_per_round, "train_cpu_seconds": train_cpu,
+            "cpu_model": cpu["cpu_model"], "cpu_flags": cpu["cpu_flags"], "rounds": rounds,
+            "steps": rounds * steps_per_round, "train_cpu_seconds": train_cpu,
             "score_cpu_seconds": time.process_time() - scoring_started,
             "final": snapshots[-1]["scores"], "curve": [{k: s[k] for k in ("step", "cpu_seconds", "scores")}
                                                         for s in snapshots]}
