@@ -538,8 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="one-thread processes at a time (default 2)")
     parser.add_argument("--photos", type=int, default=30, help="held-out photos of the open photo set to score on")
     parser.add_argument("--keep", type=Path, metavar="JSON", help="keep the results of an earlier report (e.g. "
-                        "benchmarks/results/quality.json) beside this run's, which replace any of the same task, "
-                        "budget, configuration and seed")
+                        "benchmarks/results/quality.json) beside this run's (or --rewrite's), which replace any of "
+                        "the same task, budget, configuration and seed")
     parser.add_argument("--job", type=Path, help=argparse_suppress())
     args = parser.parse_args(argv)
     if args.job:
@@ -564,8 +564,9 @@ def main(argv: list[str] | None = None) -> None:
         run(args.task, budget, names, seeds, args.jobs, work, photos)
         record = common.run_record(clock, load_before)
         results = [json.loads(p.read_text()) for p in sorted(work.glob("*/*/budget-*/seed-*.json"))]
-        if args.keep:
-            results, record["earlier"] = keep(common.read_run(args.keep), results)
+    if args.keep:
+        results, earlier = keep(common.read_run(args.keep), results)
+        record["earlier"] = [*record.get("earlier", []), *earlier]
     table = summarise(results)
     text = markdown(table, record)
     common.write("quality", text, {**record, "summary": table, "results": results}, args.out)
