@@ -164,6 +164,11 @@ def test_recipe_settings_are_validated():
                               ("search.adaptive_min_visits=40", "adaptive_min_visits=40 <= adaptive_max_visits=30")]:
         with pytest.raises(ConfigError, match=message):
             tiny_config("super-resolution", override)
+    # RS-IMLE's thresholds and adaptive IMLE's are distances in the search's units, which a switch would change.
+    for override in ["search.reject_below=0.1", "search.adaptive=true"]:
+        with pytest.raises(ConfigError, match="train.final_perceptual changes the search distance's units"):
+            tiny_config("super-resolution", "train.examples=8", override, "train.final_perceptual=vgg",
+                        "train.final_rounds=1")
 
 
 def test_a_fixed_set_of_examples_is_visited_once_per_pass_in_a_new_order():
