@@ -109,6 +109,8 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     # paper's LPIPS-VGG for the last rounds (a VGG fine-tune kept the built-in decompression model's diversity).
     "EMA 0.995 + 126 photos + lr 0.004, VGG last 4": [*BEFORE, "train.ema=0.995", PHOTOS, "train.lr=0.004",
                                                       "train.final_perceptual=vgg", "train.final_rounds=4"],
+    "EMA 0.995 + 126 photos + lr 0.004, VGG last 2": [*BEFORE, "train.ema=0.995", PHOTOS, "train.lr=0.004",
+                                                      "train.final_perceptual=vgg", "train.final_rounds=2"],
     "EMA 0.995 + 126 photos + lr 0.004, VGG last 6": [*BEFORE, "train.ema=0.995", PHOTOS, "train.lr=0.004",
                                                       "train.final_perceptual=vgg", "train.final_rounds=6"],
     "small": [],
