@@ -488,8 +488,9 @@ def order(name: str) -> tuple[int, int]:
 
 
 def reference_of(configs: dict) -> str | None:
-    """The configuration a group's others are compared with: the first of REFERENCES the group ran."""
-    return next((name for name in REFERENCES if name in configs), None)
+    """The configuration a group's others are compared with: the first of REFERENCES the group ran, else its first
+    row (a follow-up run that left the references out compares its candidates with the configuration it led with)."""
+    return next((name for name in REFERENCES if name in configs), next(iter(configs), None))
 
 
 def verdict(stats: dict, reference: dict | None, is_reference: bool) -> str:

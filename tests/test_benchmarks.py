@@ -507,8 +507,13 @@ def test_quality_report_compares_a_task_without_the_ladder_reference_with_the_pr
     results += [result("colourization", "+ 126 photos", s, r) for s, r in enumerate((0.80, 0.81, 0.82))]
     results += [result("super-resolution", "small (before)", s, 1.0) for s in range(3)]
     results += [result("super-resolution", "small", s, 1.0 + s / 100) for s in range(3)]
+    # A group that ran neither reference (a follow-up on another machine) compares with its first row.
+    best, vgg = "EMA 0.995 + 126 photos + lr 0.004", "EMA 0.995 + 126 photos + lr 0.004, VGG last 4"
+    results += [result("decompression", c, s, r + s / 100) for c, r in ((vgg, 0.80), (best, 0.85)) for s in range(3)]
     text = quality.markdown(quality.summarise(results), common.run_record(common.Stopwatch(), [0.0, 0.0, 0.0]))
     colour, sr = text.split("## colourization")[1].split("## super-resolution")
+    jpeg = text.split("## decompression")[1].split("\n## ")[0]
+    assert f"| best-of-8 vs {best} |" in jpeg and "-0.050, better |" in jpeg and " vs None" not in text
     assert "| best-of-8 vs small |" in colour and "| + 126 photos | 3 | 21 |" in colour
     assert colour.index("| small | 3 |") < colour.index("| + 126 photos | 3 |")  # the reference's row first
     assert "-0.100, better |" in colour
