@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -536,3 +537,13 @@ def test_quality_benchmark_recognises_finished_runs_whatever_the_form_of_the_wor
         quality.run("decompression", 1.0, [quality.REFERENCE], [0], 1, work, None)
     relative, absolute = started[2][0], started[5][0]
     assert relative == absolute and Path(relative["out"]).is_absolute()
+
+
+def test_a_benchmarks_cpu_time_includes_the_jobs_it_ran_in_child_processes():
+    """quality.py trains in one-thread child processes: its report gave the run's CPU time as 0.0 minutes."""
+    import common
+
+    clock = common.Stopwatch()
+    busy = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
+    subprocess.run([sys.executable, "-c", busy], check=True)
+    assert clock.cpu_seconds >= 0.4
