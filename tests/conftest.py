@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from chimle import files
 from chimle.config import resolve
 from chimle.generator import Generator
 
@@ -63,3 +68,15 @@ def assert_same_searches_and_losses(a: Path, b: Path) -> None:
         assert x["event"] == y["event"] and x["step"] == y["step"]
         key = "distance_per_level" if x["event"] == "search" else "loss_per_level"
         torch.testing.assert_close(torch.tensor(y[key]), torch.tensor(x[key]), rtol=1e-4, atol=1e-5)
+
+
+def run_killed(out: Path, crash_at: str, settings: list[str], resume: bool = False) -> None:
+    """`chimle train --preset tiny` with `settings` in a subprocess that SIGKILLs itself at the crash point
+    (chimle.files.CRASH_VARIABLE); check that it died there."""
+    command = [sys.executable, "-m", "chimle", "train", "--preset", "tiny", "--out", str(out),
+               *[f"-o{s}" for s in settings], *(["--resume"] if resume else [])]
+    # Same thread count as this process, so the float arithmetic matches bit for bit.
+    env = {**os.environ, files.CRASH_VARIABLE: crash_at, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, f"not killed at {crash_at}:\n{result.stderr[-3000:]}"
+    assert "done:" not in (out / "log.txt").read_text()

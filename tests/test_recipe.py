@@ -2,10 +2,6 @@
 average (EMA), rejection sampling."""
 
 import math
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +10,6 @@ from safetensors.torch import load_file
 from chimle.adaptive import AdaptiveState, data_point
 from chimle.blocks import WNConv2d
 from chimle.checkpoint import load_state
-from chimle.files import CRASH_VARIABLE
 from chimle.config import ConfigError
 from chimle.ema import WeightAverage
 from chimle.generator import Generator, initialise
@@ -22,7 +17,7 @@ from chimle.perceptual import LPIPS, Distance
 from chimle.search import hierarchical_search, reject
 from chimle.tasks import get
 from chimle.train import draw_round, learning_rate_factor, search_round, train, training_set
-from conftest import metric_records, randomize, tiny_config
+from conftest import metric_records, randomize, run_killed, tiny_config
 from test_search import planted_targets
 
 
@@ -74,16 +69,6 @@ def test_stable_decay_holds_the_rate_then_decays_over_the_last_rounds():
     assert [learning_rate_factor(t, step, 80) for step in range(60)] == [1.0] * 60
 
 
-def killed_then_resumed(settings: list[str], out, step: int) -> None:
-    """A tiny super-resolution run of `settings` in `out`, killed by the CLI's crash hook at `step`, resumed."""
-    command = [sys.executable, "-m", "chimle", "train", "--preset", "tiny", "--out", str(out),
-               *[f"-o{s}" for s in settings]]
-    env = {**os.environ, CRASH_VARIABLE: f"step:{step}", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
-    train(tiny_config("super-resolution", *settings), out, resume=True)
-
-
 def test_the_last_rounds_search_and_train_with_the_final_distance_and_resume_exactly(tmp_path):
     settings = ["train.rounds=3", "train.steps_per_round=4", "train.checkpoint_every=2"]
     switching = [*settings, "train.final_perceptual=vgg", "train.final_rounds=1"]
@@ -97,7 +82,8 @@ def test_the_last_rounds_search_and_train_with_the_final_distance_and_resume_exa
         same = x[key] == y[key]
         assert same == (x["round"] < 2), (x, y)  # AlexNet's distance until the last round, then VGG's
     # Killed in the last round before its first checkpoint: the resumed run searches that round again, with VGG.
-    killed_then_resumed(switching, killed, step=9)
+    run_killed(killed, "step:9", switching)
+    train(tiny_config("super-resolution", *switching), killed, resume=True)
     wa, wb = load_file(str(whole / "model.safetensors")), load_file(str(killed / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -229,7 +215,8 @@ def test_adaptive_run_resumes_exactly(tmp_path):
     whole = tmp_path / "whole"
     train(tiny_config("super-resolution", *settings), whole)
     killed = tmp_path / "killed"
-    killed_then_resumed(settings, killed, step=7)
+    run_killed(killed, "step:7", settings)
+    train(tiny_config("super-resolution", *settings), killed, resume=True)
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(killed / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = (load_state(sorted(r.glob("state-*.pt"))[-1])["adaptive"] for r in (whole, killed))

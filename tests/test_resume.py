@@ -4,9 +4,6 @@ disk, a corrupted or a foreign checkpoint is reported by name and loses nothing.
 import errno
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from chimle.checkpoint import CheckpointError, content_digest, load_state, save_
 from chimle.config import ConfigError
 from chimle.generator import Generator
 from chimle.train import train
-from conftest import tiny_config
+from conftest import run_killed, tiny_config
 
 # 3 rounds of 4 steps; states at steps 0 (after the search), 2, 4, 6, ...; one grid at the end. With a weight
 # average and a learning-rate schedule, so that a resumed run must restore both exactly.
@@ -45,28 +42,17 @@ def whole(tmp_path_factory) -> Path:
     return out
 
 
-def run_killed(out: Path, crash_at: str, resume: bool) -> None:
-    """`chimle train` in a subprocess that SIGKILLs itself at the crash point; check that it died there."""
-    command = [sys.executable, "-m", "chimle", "train", "--preset", "tiny", "--out", str(out),
-               *[f"-o{s}" for s in SETTINGS], *(["--resume"] if resume else [])]
-    # Same thread count as this process, so the float arithmetic matches bit for bit.
-    env = {**os.environ, files.CRASH_VARIABLE: crash_at, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == -signal.SIGKILL, f"not killed at {crash_at}:\n{result.stderr[-3000:]}"
-    assert "done:" not in (out / "log.txt").read_text()
-
-
 def test_killed_during_search_steps_and_checkpoint_write_resumes_identically(whole, tmp_path):
     out = tmp_path / "run"
     # Round 1 done (state-4 saved, without a search), killed in round 2's search.
-    run_killed(out, "search:2", resume=False)
+    run_killed(out, "search:2", SETTINGS, resume=False)
     assert [p.name for p in checkpoint_files(out)] == ["state-000000002.pt", "state-000000004.pt"]
     assert load_state(out / "state-000000004.pt")["search"] is None
     # Resumed at step 4: searches round 2 again, saves state-6, killed after step 7 updated the weights.
-    run_killed(out, "step:3", resume=True)
+    run_killed(out, "step:3", SETTINGS, resume=True)
     assert checkpoint_files(out)[-1].name == "state-000000006.pt"
     # Resumed at step 6: killed while writing state-8, after its contents are written, before the rename.
-    run_killed(out, "write:state-000000008.pt", resume=True)
+    run_killed(out, "write:state-000000008.pt", SETTINGS, resume=True)
     assert checkpoint_files(out)[-1].name == "state-000000006.pt"
     assert list(out.glob(".state-000000008.pt.*.tmp")), "the unfinished write should be left behind"
     # The last resume finishes the run.
