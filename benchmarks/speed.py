@@ -23,7 +23,8 @@ their values), inputs cropped from the built-in photos.
 Each measurement runs in a child process of its own, so that its peak resident memory (the child's getrusage
 ru_maxrss: Python, PyTorch, the model, LPIPS and the measurement) is its own. Phases:
     search   naive vs ours on 1 and --examples examples; a ladder adding one lever at a time on 1 example;
-             where the time goes (torch.profiler over the record_function stages of the search, top operators);
+             where the time goes (torch.profiler over the record_function stages of the search, top operators, in a
+             second run of the same search: every search is timed without the profiler);
              ours through torch.compile (search.compile=true) on --examples examples, after compiling every level
              on another example: whether it pays over a 400-example round
     roofline the GMAC/s of one plain 3x3 convolution of the shape that costs the search most, at its batch:
@@ -139,22 +140,33 @@ def phase_search(spec: dict, device: torch.device) -> dict:
                            torch.tensor([999]), pools, config.search.max_batch)
         compile_seconds = time.perf_counter() - started
     before = timing.rss_gib()
-    with torch.profiler.profile(activities=timing.activities(device)) as prof:
+
+    def search():
         timing.sync(device)
         started, cpu = time.perf_counter(), time.process_time()
         result = SEARCHES[spec["mode"]](generator, lpips, task, inputs, targets, seeds, pools, config.search.max_batch)
         timing.sync(device)
-        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+        return result, time.perf_counter() - started, time.process_time() - cpu
+
+    result, seconds, cpu = search()  # timed without the profiler: it slows some searches more than others
+    peak = timing.peak_rss_gib()
+    profiled = {}
+    if spec.get("profile"):  # where the time goes: the same search again, under the profiler
+        with torch.profiler.profile(activities=timing.activities(device)) as prof:
+            again, wall, _ = search()
+        assert torch.equal(again.winners, result.winners)
+        events = prof.key_averages()
+        ops = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)[:8]
+        profiled = {"profiled_seconds": wall, "operators": {e.key: e.self_cpu_time_total / 1e6 for e in ops},
+                    "stages": {e.key.removeprefix("search."): e.cpu_time_total / 1e6 for e in events
+                               if e.key.startswith("search.")}}
     wall = seconds
-    events = prof.key_averages()
-    stages = {e.key.removeprefix("search."): e.cpu_time_total / 1e6 for e in events if e.key.startswith("search.")}
-    ops = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)[:8]
     if timing.clock(device) is time.process_time:
         seconds = cpu
-    return {"seconds": seconds, "seconds_per_example": seconds / spec["examples"], "cpu_seconds": cpu, "wall_seconds_search": wall, "stages": stages,
-            "operators": {e.key: e.self_cpu_time_total / 1e6 for e in ops},
+    return {"seconds": seconds, "seconds_per_example": seconds / spec["examples"], "cpu_seconds": cpu,
+            "wall_seconds_search": wall, **profiled,
             "generator_gmac_per_example": search_macs(macs, pools, spec["mode"]), "level_gmac": [m / 1e9 for m in macs],
-            "rss_before_gib": before, "peak_rss_gib": timing.peak_rss_gib(), **timing.gpu_memory(device),
+            "rss_before_gib": before, "peak_rss_gib": peak, **timing.gpu_memory(device),
             "winners": result.winners.tolist(), "distances": result.distances.tolist(),
             **({"compile_and_first_example_seconds": compile_seconds} if compile_seconds is not None else {})}
 
@@ -519,8 +531,10 @@ def plan(args) -> list[dict]:
                 counts.update({mode: [1] for mode in (PREFIX, FOLDED, BATCHED)})
                 counts[COMPILED] = [args.examples] if args.compile else []
             for mode in SEARCHES:
-                for n in counts.get(mode, []):
-                    specs.append({"phase": "search", "task": task, "mode": mode, "examples": n, "pools": pools})
+                for n in counts.get(mode, []):  # profiled again: the stages and operators of the report
+                    profile = i == 0 and (mode == OURS or (mode == NAIVE and n == 1))
+                    specs.append({"phase": "search", "task": task, "mode": mode, "examples": n, "pools": pools,
+                                  "profile": profile})
     if "roofline" in args.phases:
         specs.append({"phase": "roofline", "task": args.tasks[0], "pools": pools, "reps": 3 if quick else 5})
     if "memory" in args.phases:
@@ -589,6 +603,11 @@ def _find(results: list[dict], **match) -> dict | None:
     return next((r for r in results if all(r.get(k) == v for k, v in match.items())), None)
 
 
+def _profiled(search: dict) -> float:
+    """The seconds of a search's profiled run (reports before the timed and the profiled runs were two: its only)."""
+    return search.get("profiled_seconds", search["wall_seconds_search"])
+
+
 def _per_shape_roofline(roof: dict) -> tuple[float, float]:
     """(seconds per example, GMAC/s) of the search's convolutions each as fast as alone (the roofline phase)."""
     seconds = sum(s["gmac_per_example"] / s["gmac_per_second"] for s in roof["per_shape"])
@@ -642,7 +661,7 @@ def render(report: dict) -> str:
         out += [f"## Code search, pools {pools}: seconds per example\n",
                 timing.table(["task", "ours renders in", "examples", "naive s/ex", "ours s/ex", "speed-up",
                               "generator GMAC/ex naive / ours",
-                        "peak RSS GiB naive / ours (with the profiler)",
+                        "peak RSS GiB naive / ours",
                         "same codes as naive"], rows),
                 "Naive: `chimle.naive.naive_search`, the official sampler's work (levels below l re-rendered for each "
                 "mini-batch of 20 candidates, target features per mini-batch, weight norm in every forward, NCHW, "
@@ -650,9 +669,10 @@ def render(report: dict) -> str:
                 "`chimle.search.hierarchical_search` with its defaults, in float32, and (where the device computes "
                 f"bfloat16 natively, so that `search.precision=auto` picks it) in bfloat16 with each level's {RESCORE} "
                 "nearest candidates rescored in float32; the codes it chooses are compared with float32's on trained "
-                "models below. Peak RSS: ru_maxrss of the measurement's own "
-                "process (Python, PyTorch, model, LPIPS, search) including torch.profiler's records, which grow "
-                "with the run's length; the search's own peak is measured below without the profiler.\n"]
+                "models below. Every search here is timed without torch.profiler (which slows some searches more "
+                "than others); the shares of its stages come from the same search run again under it. Peak RSS: "
+                "ru_maxrss of the measurement's own process (Python, PyTorch, model, LPIPS, search) before that "
+                "profiled run.\n"]
 
     # The ladder.
     first = searches[0]["task"] if searches else None
@@ -739,7 +759,7 @@ def render(report: dict) -> str:
         for stage in STAGES + ["other"]:
             cells = []
             for _, r in picks:
-                wall = r["wall_seconds_search"]  # the profiler's clock; its shares are carried over to `seconds`
+                wall = _profiled(r)  # the profiled run's clock; its shares are carried over to `seconds`
                 value = wall - sum(r["stages"].values()) if stage == "other" else r["stages"].get(stage, 0.0)
                 cells.append(f"{value / wall * r['seconds_per_example']:.2f} ({100 * value / wall:.0f}%)")
             rows.append([stage, *cells])
@@ -747,13 +767,14 @@ def render(report: dict) -> str:
         out += [f"## Where the search's time goes ({first}; seconds per example, share)\n",
                 timing.table(["stage", *[f"{k} example(s)" for k, _ in picks]], rows),
                 "Stages are the `record_function` ranges of chimle.search / chimle.naive; torch.profiler gives "
-                "their shares, applied to the measured total. prefix = rendering the chosen codes of lower levels "
-                "(naive: again for every mini-batch of 20); candidates = rendering the level being searched; "
-                "features = LPIPS-VGG; other = folding weight norm, changing the weights' layout, bookkeeping.\n"]
+                "their shares in a second, profiled run of the same search, applied to the unprofiled time. "
+                "prefix = rendering the chosen codes of lower levels (naive: again for every mini-batch of 20); "
+                "candidates = rendering the level being searched; features = LPIPS-VGG; other = folding weight "
+                "norm, changing the weights' layout, bookkeeping.\n"]
         ops = {k: r["operators"] for k, r in picks[:2]}
         names = list(dict.fromkeys(n for o in ops.values() for n in list(o)[:6]))
         out += ["Top operators (share of the profiled time):\n",
-                timing.table(["operator", *ops], [[n, *[f"{100 * o.get(n, 0) / r['wall_seconds_search']:.1f}%" for (_, r), o
+                timing.table(["operator", *ops], [[n, *[f"{100 * o.get(n, 0) / _profiled(r):.1f}%" for (_, r), o
                                                   in zip(picks, ops.values())]] for n in names])]
 
     for memory in [r for r in results if r["phase"] == "memory"]:

@@ -12,6 +12,7 @@ import torch
 
 from chimle import builtin
 from chimle.checkpoint import read_config
+from chimle.search import SearchResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import modes  # noqa: E402
@@ -355,6 +356,26 @@ def test_speed_report_says_whether_the_compiled_search_pays():
 
     compiled["seconds_per_example"] = 1.1 * ours["seconds_per_example"]
     assert "it does not pay: the compiled search is no faster" in speed.render(report)
+
+
+def test_speed_times_each_search_without_the_profiler_and_profiles_a_second_run(monkeypatch):
+    import speed
+
+    calls = []
+
+    def search(g, d, t, x, y, s, p, b):  # stands in for a search: records whether the profiler is on
+        calls.append(torch._C._autograd._profiler_enabled())
+        with torch.profiler.record_function("search.candidates"):
+            torch.ones(64, 64) @ torch.ones(64, 64)
+        return SearchResult(s.clone(), torch.zeros(len(s), len(p), dtype=torch.long), list(p), torch.zeros(len(s), len(p)))
+
+    monkeypatch.setitem(speed.SEARCHES, speed.OURS, search)
+    spec = {"task": "super-resolution", "quick": True, "mode": speed.OURS, "examples": 1, "pools": [4, 4, 2, 2]}
+    result = speed.phase_search(spec, torch.device("cpu"))
+    assert calls == [False] and "stages" not in result  # timed, not profiled
+    result = speed.phase_search({**spec, "profile": True}, torch.device("cpu"))
+    assert calls == [False, False, True] and "candidates" in result["stages"]
+    assert result["profiled_seconds"] > 0 and result["seconds"] > 0
 
 
 def test_speed_report_holds_the_bf16_search_to_the_target_where_the_device_computes_bf16():
