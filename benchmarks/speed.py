@@ -14,6 +14,9 @@ that does the official implementation's work (chimle.naive), with the speed leve
         --skip memory,levers,bf16,train,sample --out benchmarks/results/cpu-avx2
                                                        # the report of a CPU without native bf16 (20 min)
     python benchmarks/speed.py --tasks super-resolution --skip levers,bf16 --resume   # finish an interrupted run
+    python benchmarks/speed.py --examples 4 --naive-examples 1 --tasks super-resolution --no-compile \
+        --skip memory,levers,bf16,train,sample --keep benchmarks/results/speed.json
+                                                       # measure the search again, keep the other phases' numbers
 
 Model: the `paper` preset (210.6 M parameters, 6 RRDBs per level, LPIPS-VGG) at scaled resolutions:
 super-resolution 8 -> 128 px (levels render 16, 32, 64, 128 px) and the generic wiring (the decompression task)
@@ -586,6 +589,27 @@ def child(spec: dict) -> None:
     print(json.dumps(result))
 
 
+def kept_results(path: Path, report: dict, measured: set[str]) -> list[dict]:
+    """The results of an earlier report (`path`) in the phases this run does not measure, each marked with where it
+    comes from (report["kept"] lists those runs). Refused unless the earlier report ran on the same kind of device:
+    the report compares only within one machine."""
+    try:
+        earlier = json.loads(path.read_text())
+        results = earlier["results"]
+    except (OSError, ValueError, KeyError) as error:
+        raise SystemExit(f"--keep {path}: not a speed report ({error})") from None
+    same = ("cpu_model", "cpu_flags", "torch_cpu_capability", "cpus", "torch")
+    differ = [k for k in same if earlier["machine"].get(k) != report["machine"].get(k)]
+    if differ or earlier["device"] != report["device"] or earlier["quick"] != report["quick"]:
+        raise SystemExit(f"--keep {path}: measured on another machine or setting ({', '.join(differ) or 'device/quick'} "
+                         "differ); its numbers cannot stand beside this run's")
+    kept = [r for r in results if r["phase"] not in measured]
+    source = {"command": earlier["command"], "uptime_before": earlier.get("uptime_before"),
+              "phases": sorted({r["phase"] for r in kept}), **{k: earlier[k] for k in ("kept",) if k in earlier}}
+    report["kept"] = source
+    return [{**r, "kept": True} for r in kept]
+
+
 def uptime() -> str:
     try:
         return subprocess.run(["uptime"], stdout=subprocess.PIPE, text=True).stdout.strip()
@@ -629,6 +653,11 @@ def render(report: dict) -> str:
            "time).  ",
            f"Generator: {report['model']['parameters'] / 1e6:.1f} M parameters (paper widths"
            f"{', 1 RRDB per level' if report['quick'] else ''}); LPIPS-VGG.  "]
+    if report.get("kept"):
+        kept = report["kept"]
+        out.append(f"Phases {', '.join(f'`{p}`' for p in kept['phases'])} were not measured by this command: their "
+                   f"numbers are kept (`--keep`) from an earlier run on the same kind of machine, `{kept['command']}` "
+                   f"(load before it: `{kept['uptime_before']}`); every comparison below is within one run.  ")
     if not report["gpu_measured"]:
         out.append("GPU numbers were not measured here (no GPU); `--device cuda` runs the same measurements on one.")
     out.append("")
@@ -914,6 +943,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=common.RESULTS, help="folder of speed.json and speed.md")
     parser.add_argument("--resume", action="store_true",
                         help="keep the measurements of an interrupted run (OUT/speed.partial.json) and do the rest")
+    parser.add_argument("--keep", type=Path, metavar="JSON",
+                        help="keep the measurements of the phases this run skips from an earlier report of this "
+                             "machine (e.g. benchmarks/results/speed.json); the report says which they are")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -942,6 +974,7 @@ def main() -> None:
     report = {"command": common.command_line(), "machine": common.machine(), "uptime_before": uptime(),
               "device": args.device, "quick": args.quick, "gpu_measured": args.device.startswith("cuda"),
               "results": []}
+    kept = kept_results(args.keep, report, {spec["phase"] for spec in specs}) if args.keep else []
     OVERRIDES[:] = args.override
     report["model"] = {"parameters": count_parameters(Generator(make_config("super-resolution", args.quick).model)),
                        "overrides": args.override}
@@ -963,6 +996,7 @@ def main() -> None:
         partial.write_text(json.dumps(report, indent=2) + "\n")  # survives a crash; see --resume
     report["total_minutes"] = (time.perf_counter() - started) / 60
     report["uptime_after"] = uptime()
+    report["results"] += kept
     markdown = render(report)
     md, js = common.write("speed", markdown, report, args.out)
     partial.unlink(missing_ok=True)

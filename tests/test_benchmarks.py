@@ -378,6 +378,26 @@ def test_speed_times_each_search_without_the_profiler_and_profiles_a_second_run(
     assert result["profiled_seconds"] > 0 and result["seconds"] > 0
 
 
+def test_speed_keeps_an_earlier_reports_other_phases_only_from_the_same_machine(tmp_path):
+    import speed
+
+    earlier = json.loads((Path(speed.__file__).parent / "results" / "speed.json").read_text())
+    path = tmp_path / "speed.json"
+    path.write_text(json.dumps(earlier))
+    report = {**{k: earlier[k] for k in ("machine", "device", "quick")}, "command": "python speed.py", "results": []}
+    kept = speed.kept_results(path, report, {"search", "roofline"})
+    assert kept and {r["phase"] for r in kept} == {r["phase"] for r in earlier["results"]} - {"search", "roofline"}
+    assert all(r["kept"] for r in kept) and report["kept"]["command"] == earlier["command"]
+    fresh = [r for r in earlier["results"] if r["phase"] in ("search", "roofline")]
+    text = speed.render({**earlier, "kept": report["kept"], "results": fresh + kept})
+    assert "were not measured by this command: their numbers are kept (`--keep`)" in text
+    assert f"`{earlier['command']}`" in text and "## Training step" in text
+
+    other = {**report, "machine": {**earlier["machine"], "cpu_flags": "avx avx2"}}
+    with pytest.raises(SystemExit, match="another machine"):
+        speed.kept_results(path, other, {"search"})
+
+
 def test_speed_report_holds_the_bf16_search_to_the_target_where_the_device_computes_bf16():
     import speed
 
