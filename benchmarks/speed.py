@@ -974,13 +974,15 @@ def main() -> None:
     report = {"command": common.command_line(), "machine": common.machine(), "uptime_before": uptime(),
               "device": args.device, "quick": args.quick, "gpu_measured": args.device.startswith("cuda"),
               "results": []}
-    kept = kept_results(args.keep, report, {spec["phase"] for spec in specs}) if args.keep else []
+    earlier = kept_results(args.keep, report, {spec["phase"] for spec in specs}) if args.keep else []
     OVERRIDES[:] = args.override
     report["model"] = {"parameters": count_parameters(Generator(make_config("super-resolution", args.quick).model)),
                        "overrides": args.override}
     partial = args.out / "speed.partial.json"
-    done = json.loads(partial.read_text())["results"] if args.resume and partial.is_file() else []
-    started = time.perf_counter()
+    done = []
+    if args.resume and partial.is_file():  # the run goes on: its start is the interrupted run's
+        interrupted = json.loads(partial.read_text())
+        done, report["uptime_before"] = interrupted["results"], interrupted["uptime_before"]
     for i, spec in enumerate(specs, 1):
         label = " ".join(str(spec.get(k)) for k in ("phase", "task", "mode", "variant", "examples") if spec.get(k))
         kept = next((r for r in done if all(r.get(k) == v for k, v in spec.items())), None)
@@ -994,9 +996,9 @@ def main() -> None:
         print(f"    {result['wall_seconds']:.0f} s, peak RSS {result['peak_rss_gib']:.2f} GiB", file=sys.stderr)
         args.out.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(report, indent=2) + "\n")  # survives a crash; see --resume
-    report["total_minutes"] = (time.perf_counter() - started) / 60
+    report["total_minutes"] = sum(r["wall_seconds"] for r in report["results"]) / 60  # its measurements, resumed or not
     report["uptime_after"] = uptime()
-    report["results"] += kept
+    report["results"] += earlier
     markdown = render(report)
     md, js = common.write("speed", markdown, report, args.out)
     partial.unlink(missing_ok=True)
