@@ -111,8 +111,8 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
                                                       "train.final_perceptual=vgg", "train.final_rounds=4"],
     "EMA 0.995 + 126 photos + lr 0.004, VGG last 2": [*BEFORE, "train.ema=0.995", PHOTOS, "train.lr=0.004",
                                                       "train.final_perceptual=vgg", "train.final_rounds=2"],
-    "EMA 0.995 + 126 photos + lr 0.004, VGG last 6": [*BEFORE, "train.ema=0.995", PHOTOS, "train.lr=0.004",
-                                                      "train.final_perceptual=vgg", "train.final_rounds=6"],
+    "EMA 0.995 + 126 photos + lr 0.004, VGG last 1": [*BEFORE, "train.ema=0.995", PHOTOS, "train.lr=0.004",
+                                                      "train.final_perceptual=vgg", "train.final_rounds=1"],
     "small": [],
 }
 MIN_PHOTOS = manifold.DENSITY_COVERAGE_K + 1  # coverage's k nearest neighbours need k + 1 real images per set
