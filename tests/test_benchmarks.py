@@ -398,6 +398,27 @@ def test_speed_keeps_an_earlier_reports_other_phases_only_from_the_same_machine(
         speed.kept_results(path, other, {"search"})
 
 
+def test_speed_run_with_keep_measures_its_phases_and_reports_the_kept_ones(tmp_path):
+    """speed.py --keep end to end (it failed once a run had measured everything: a name clash in main)."""
+    import common
+    import speed
+
+    committed = json.loads((Path(speed.__file__).parent / "results" / "speed.json").read_text())
+    sample = next(r for r in committed["results"] if r["phase"] == "sample")
+    earlier = {"command": "python speed.py --quick", "machine": common.machine(), "uptime_before": "12:00",
+               "device": "cpu", "quick": True, "results": [sample]}
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    skip = ",".join(p for p in speed.PHASES if p != "roofline")
+    result = subprocess.run([sys.executable, speed.__file__, "--quick", "--tasks", "super-resolution", "--skip", skip,
+                             "--keep", str(tmp_path / "earlier.json"), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "speed.json").read_text())
+    assert [r["phase"] for r in report["results"]] == ["roofline", "sample"] and report["results"][1]["kept"]
+    assert 0 < report["total_minutes"] < 10  # this run's measurement alone
+    assert "Phases `sample` were not measured by this command" in (tmp_path / "out" / "speed.md").read_text()
+
+
 def test_speed_report_holds_the_bf16_search_to_the_target_where_the_device_computes_bf16():
     import speed
 
