@@ -590,9 +590,10 @@ def child(spec: dict) -> None:
 
 
 def kept_results(path: Path, report: dict, measured: set[str]) -> list[dict]:
-    """The results of an earlier report (`path`) in the phases this run does not measure, each marked with where it
-    comes from (report["kept"] lists those runs). Refused unless the earlier report ran on the same kind of device:
-    the report compares only within one machine."""
+    """The results of an earlier report (`path`) in the phases this run does not measure, each with the run that
+    measured it under "kept" (its command and the load before it; a result that report had kept itself keeps its
+    own). Refused unless the earlier report ran on the same kind of device: the report compares only within one
+    machine."""
     try:
         earlier = json.loads(path.read_text())
         results = earlier["results"]
@@ -603,11 +604,8 @@ def kept_results(path: Path, report: dict, measured: set[str]) -> list[dict]:
     if differ or earlier["device"] != report["device"] or earlier["quick"] != report["quick"]:
         raise SystemExit(f"--keep {path}: measured on another machine or setting ({', '.join(differ) or 'device/quick'} "
                          "differ); its numbers cannot stand beside this run's")
-    kept = [r for r in results if r["phase"] not in measured]
-    source = {"command": earlier["command"], "uptime_before": earlier.get("uptime_before"),
-              "phases": sorted({r["phase"] for r in kept}), **{k: earlier[k] for k in ("kept",) if k in earlier}}
-    report["kept"] = source
-    return [{**r, "kept": True} for r in kept]
+    source = {"command": earlier["command"], "uptime_before": earlier.get("uptime_before")}
+    return [{**r, "kept": r.get("kept") or source} for r in results if r["phase"] not in measured]
 
 
 def uptime() -> str:
@@ -653,11 +651,15 @@ def render(report: dict) -> str:
            "time).  ",
            f"Generator: {report['model']['parameters'] / 1e6:.1f} M parameters (paper widths"
            f"{', 1 RRDB per level' if report['quick'] else ''}); LPIPS-VGG.  "]
-    if report.get("kept"):
-        kept = report["kept"]
-        out.append(f"Phases {', '.join(f'`{p}`' for p in kept['phases'])} were not measured by this command: their "
-                   f"numbers are kept (`--keep`) from an earlier run on the same kind of machine, `{kept['command']}` "
-                   f"(load before it: `{kept['uptime_before']}`); every comparison below is within one run.  ")
+    sources: dict[str, dict] = {}  # the earlier runs whose numbers this report kept (--keep), by command
+    for r in results:
+        if r.get("kept"):
+            sources.setdefault(r["kept"]["command"], {**r["kept"], "phases": set()})["phases"].add(r["phase"])
+    for source in sources.values():
+        out.append(f"Phases {', '.join(f'`{p}`' for p in sorted(source['phases']))} were not measured by this "
+                   f"command: their numbers are kept (`--keep`) from an earlier run on the same kind of machine, "
+                   f"`{source['command']}` (load before it: `{source['uptime_before']}`); every comparison below is "
+                   "within one run.  ")
     if not report["gpu_measured"]:
         out.append("GPU numbers were not measured here (no GPU); `--device cuda` runs the same measurements on one.")
     out.append("")

@@ -382,16 +382,22 @@ def test_speed_keeps_an_earlier_reports_other_phases_only_from_the_same_machine(
     import speed
 
     earlier = json.loads((Path(speed.__file__).parent / "results" / "speed.json").read_text())
+    earlier["results"] = [{k: v for k, v in r.items() if k != "kept"} for r in earlier["results"]]  # all its own
     path = tmp_path / "speed.json"
     path.write_text(json.dumps(earlier))
     report = {**{k: earlier[k] for k in ("machine", "device", "quick")}, "command": "python speed.py", "results": []}
     kept = speed.kept_results(path, report, {"search", "roofline"})
     assert kept and {r["phase"] for r in kept} == {r["phase"] for r in earlier["results"]} - {"search", "roofline"}
-    assert all(r["kept"] for r in kept) and report["kept"]["command"] == earlier["command"]
+    assert all(r["kept"]["command"] == earlier["command"] for r in kept)
     fresh = [r for r in earlier["results"] if r["phase"] in ("search", "roofline")]
-    text = speed.render({**earlier, "kept": report["kept"], "results": fresh + kept})
+    text = speed.render({**earlier, "results": fresh + kept})
     assert "were not measured by this command: their numbers are kept (`--keep`)" in text
     assert f"`{earlier['command']}`" in text and "## Training step" in text
+    # Kept again by a later run that measures the sampling too: each kept number still names the run that measured it.
+    path.write_text(json.dumps({**earlier, "command": "python speed.py --keep speed.json", "results": fresh + kept}))
+    again = speed.kept_results(path, report, {"sample"})
+    assert {r["phase"]: r["kept"]["command"] for r in again}["train"] == earlier["command"]
+    assert {r["phase"]: r["kept"]["command"] for r in again}["search"] == "python speed.py --keep speed.json"
 
     other = {**report, "machine": {**earlier["machine"], "cpu_flags": "avx avx2"}}
     with pytest.raises(SystemExit, match="another machine"):
