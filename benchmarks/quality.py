@@ -113,6 +113,17 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
                                                       "train.final_perceptual=vgg", "train.final_rounds=2"],
     "EMA 0.995 + 126 photos + lr 0.004, VGG last 1": [*BEFORE, "train.ema=0.995", PHOTOS, "train.lr=0.004",
                                                       "train.final_perceptual=vgg", "train.final_rounds=1"],
+    # Larger pools for a model that uses its codes more: with more candidates per example, the nearest one can
+    # afford to be further from the mean, so the trained outputs spread (halving them narrowed super-resolution's).
+    "EMA 0.995 + 126 photos + lr 0.004, VGG last 2, pools x2": [
+        *BEFORE, "train.ema=0.995", PHOTOS, "train.lr=0.004", "train.final_perceptual=vgg", "train.final_rounds=2",
+        "search.samples_per_level=[40,40,20,10]"],
+    "EMA 0.995 + 126 photos + lr 0.004, VGG last 2, pools x4": [
+        *BEFORE, "train.ema=0.995", PHOTOS, "train.lr=0.004", "train.final_perceptual=vgg", "train.final_rounds=2",
+        "search.samples_per_level=[80,80,40,20]"],
+    "EMA 0.995 + lr 0.004, VGG last 2, pools x2": [  # the same on the nine built-in photos, as `chimle demo` trains
+        *BEFORE, "train.ema=0.995", "train.lr=0.004", "train.final_perceptual=vgg", "train.final_rounds=2",
+        "search.samples_per_level=[40,40,20,10]"],
     "small": [],
 }
 MIN_PHOTOS = manifold.DENSITY_COVERAGE_K + 1  # coverage's k nearest neighbours need k + 1 real images per set
