@@ -56,3 +56,24 @@ def test_a_quick_run_writes_the_model_its_record_and_card(tmp_path):
                              "sha256": hashlib.sha256(started).hexdigest()}
     assert "started from the weights of" in (tuned_out / "run" / "log.txt").read_text()
     assert "Fine-tuned from" in (tuned_out / "super-resolution.md").read_text()
+
+
+SETTINGS = ["data.crop", "search.samples_per_level", "search.reject_below", "train.perceptual", "train.final_perceptual",
+            "train.final_rounds", "train.lr", "train.ema", "train.pixel_weight", "train.batch_size",
+            "train.steps_per_round", "train.round_size", "train.schedule"]
+
+
+@pytest.mark.parametrize("task", sorted(train_builtin.FINETUNES))
+def test_the_fine_tuning_recipes_are_what_the_installed_models_were_trained_with(task, tmp_path):
+    """A change to the preset must not change a built-in model's recipe behind its back: the recipe's resolved
+    settings equal those stored in the installed model (its last stage is the task's fine-tuning recipe)."""
+    if task not in builtin.names():
+        pytest.skip(f"this version ships no built-in {task} model")
+    preset, overrides = train_builtin.recipe(task, quick=False, finetune=True)
+    recipe = resolve(task=task, preset=preset, overrides=[o.replace("=PHOTOS", f"={tmp_path}") for o in overrides])
+    installed = Model.load(f"builtin:{task}", "cpu").config
+
+    def settings(config):
+        return {name: getattr(getattr(config, name.split(".")[0]), name.split(".")[1]) for name in SETTINGS}
+
+    assert settings(recipe) == settings(installed)
