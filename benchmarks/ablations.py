@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/ablations.py --quick     # a few minutes: one seed, one round each
     OMP_NUM_THREADS=1 python benchmarks/ablations.py             # the committed report: 3 seeds (2-core CPU)
+    OMP_NUM_THREADS=1 python benchmarks/ablations.py --rounds 18 --out benchmarks/results/ablations-18   # 3x longer
 
 The paper's claims, from its appendix, on JPEG decompression: 4 modules beat 1 (FID 72.75 vs 94.84); more
 samples per image help (10 / 60 / 120: FID 79.54 / 76.20 / 72.75); hierarchical search beats flat cIMLE
@@ -17,6 +18,7 @@ samples per image help (10 / 60 / 120: FID 79.54 / 76.20 / 72.75); hierarchical 
 
 The "levels = 4", "12 per level" and "hierarchical" rows are the same runs. Every variant trains for the same
 rounds and steps with the same loss (LPIPS-AlexNet + 1.0 x L1, the `small` preset's choice for CPU runs) and
+the rest of `small`'s decompression settings (its weight average, EMA 0.995; SHARED below fixes the rest), and
 is scored on held-out 32 px tiles of the three built-in held-out photos with chimle.evaluate's Scorer: FID and
 KID (TF Inception pool3), best-of-n LPIPS, LPIPS diversity and FWV (LPIPS-AlexNet throughout), each over three
 training seeds, mean ± standard deviation. Writes benchmarks/results/ablations.{md,json,png}.
@@ -124,8 +126,10 @@ def run(size: dict, work: Path) -> dict:
             print(f"seed {seed} {variant:9s} FID {summary['fid']:.1f} best LPIPS {summary['lpips_best']:.4f} "
                   f"diversity {summary['diversity_lpips']:.4f} ({clock.seconds:.0f} s)", flush=True)
     jpeg = scorer.summary("jpeg")
+    t = reference.train
     return {"records": records, "sizes": sizes, "jpeg": {k: jpeg[k] for k in ("fid", "kid", "lpips_mean", "psnr_mean")},
-            "targets": [name for name, _ in targets], "real_images": len(targets)}
+            "targets": [name for name, _ in targets], "real_images": len(targets),
+            "optimiser": {"lr": t.lr, "ema": t.ema, "schedule": t.schedule}}
 
 
 def table(records: list[dict]) -> dict:
@@ -192,6 +196,14 @@ def plot(summary: dict, seeds: int, path: Path) -> None:
     sheet.save(path)
 
 
+def optimiser(result: dict) -> str:
+    """The learning rate, its schedule and the weight average the runs trained with (a report from before they were
+    recorded: the values of then, lr 0.002 at a constant rate and no average)."""
+    o = result.get("optimiser", {"lr": 0.002, "ema": 0.0, "schedule": "constant"})
+    average = f", sampled from a weight average (EMA {o['ema']:g}; `small`'s decompression setting)" if o["ema"] else ""
+    return f"lr {o['lr']:g}, {o['schedule']}{average}"
+
+
 def report(result: dict, size: dict, mode: str, run: dict) -> tuple[str, dict]:
     summary = table(result["records"])
     real, generated = result["real_images"], result["real_images"] * size["samples"]
@@ -202,7 +214,7 @@ def report(result: dict, size: dict, mode: str, run: dict) -> tuple[str, dict]:
         common.run_line(run), "",
         f"Task: JPEG decompression (quality 1, the paper's value; 4:2:0) of the nine built-in training photos, {TILE} px crops, the "
         f"`small` preset's CPU choices (LPIPS-AlexNet + 1.0 x L1 loss, random RGB order); every variant trains "
-        f"{size['rounds']} rounds of 16 examples x 30 Adam steps at batch 4 (lr 0.002). Evaluation: {real} held-out "
+        f"{size['rounds']} rounds of 16 examples x 30 Adam steps at batch 4 ({optimiser(result)}). Evaluation: {real} held-out "
         f"{TILE} px tiles ({size['tiles_per_photo']} from the centre of each held-out photo), {size['samples']} samples "
         f"each (seed 1000 + training seed). Training seeds {size['seeds']}; mean ± standard deviation over them.", "",
         f"> **FID at this size means little.** {fid_lib.small_sample_warning(real, generated)} Here: {real} real and "
@@ -252,17 +264,24 @@ def report(result: dict, size: dict, mode: str, run: dict) -> tuple[str, dict]:
 def main() -> None:
     parser = common.parser(__doc__, "a few-minute smoke-test size (one seed, one round)",
                            "only rewrite the Markdown report and chart from a JSON report of an earlier run")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"training rounds per run (default {SIZES['default']['rounds']}; --quick: "
+                             f"{SIZES['quick']['rounds']}): a longer budget for every variant alike")
     args = parser.parse_args()
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give at least 1")
     if args.rewrite:
         saved = common.read_run(args.rewrite)
-        result = {k: saved[k] for k in ("records", "sizes", "jpeg", "targets", "real_images")}
+        result = {k: saved[k] for k in ("records", "sizes", "jpeg", "targets", "real_images", "optimiser") if k in saved}
         markdown, data = report(result, saved["size"], saved["mode"], {k: saved[k] for k in common.RUN_KEYS})
         (args.out / "ablations.md").write_text(markdown)
         plot(data["summary"], len(saved["size"]["seeds"]), args.out / "ablations.png")
         print(f"wrote {args.out / 'ablations.md'} and {args.out / 'ablations.png'}")
         return
     mode = "quick" if args.quick else "default"
-    size, load_before, clock = SIZES[mode], common.load_average(), common.Stopwatch()
+    size, load_before, clock = dict(SIZES[mode]), common.load_average(), common.Stopwatch()
+    if args.rounds is not None:
+        size["rounds"] = args.rounds
     with tempfile.TemporaryDirectory(prefix="chimle-ablations-") as scratch:
         result = run(size, args.work or Path(scratch))
     markdown, data = report(result, size, mode, common.run_record(clock, load_before))

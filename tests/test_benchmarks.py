@@ -151,6 +151,18 @@ def test_claim_verdicts_respect_the_seed_spread():
     assert "2 of 3 seeds" in verdict(summary, records, "good", "close", "fid")
 
 
+def test_ablation_report_states_the_optimiser_its_runs_used():
+    """The ablations inherit the `small` preset's decompression settings, so the report says what the runs trained
+    with (a weight average since `small` took one up), and a report from before that was recorded keeps its text."""
+    import common
+    from ablations import SHARED, VARIANTS, optimiser
+
+    t = common.config("decompression", [*SHARED, *VARIANTS["levels=4"]]).train
+    assert t.ema > 0 and f"EMA {t.ema:g}" in optimiser({"optimiser": {"lr": t.lr, "ema": t.ema, "schedule": t.schedule}})
+    assert optimiser({}) == "lr 0.002, constant"
+    assert optimiser({"optimiser": {"lr": 0.004, "ema": 0.0, "schedule": "cosine"}}) == "lr 0.004, cosine"
+
+
 def test_mode_report_of_some_methods_states_only_their_claims_and_the_extra_settings():
     """`benchmarks/modes.py --methods hierarchical -o ...` (a sweep of one method) writes a report without the
     comparisons it did not run, and names the settings it added."""
