@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from operator import attrgetter
 from pathlib import Path
 
 import pytest
@@ -72,8 +73,4 @@ def test_the_fine_tuning_recipes_are_what_the_installed_models_were_trained_with
     preset, overrides = train_builtin.recipe(task, quick=False, finetune=True)
     recipe = resolve(task=task, preset=preset, overrides=[o.replace("=PHOTOS", f"={tmp_path}") for o in overrides])
     installed = Model.load(f"builtin:{task}", "cpu").config
-
-    def settings(config):
-        return {name: getattr(getattr(config, name.split(".")[0]), name.split(".")[1]) for name in SETTINGS}
-
-    assert settings(recipe) == settings(installed)
+    assert {k: attrgetter(k)(recipe) for k in SETTINGS} == {k: attrgetter(k)(installed) for k in SETTINGS}
