@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from chimle import tasks, train as training  # noqa: E402
+from chimle import devices, tasks, train as training  # noqa: E402
 from chimle.data import center_crop, list_images, load_image  # noqa: E402
 from chimle.generator import Generator, initialise  # noqa: E402
 from chimle.metrics import fid as fid_lib, manifold  # noqa: E402
@@ -66,7 +66,8 @@ WORK = Path(__file__).resolve().parents[1] / "runs" / "quality"
 # preset changes.
 BEFORE = ["train.init=pytorch", "train.ema=0", "train.schedule=constant", "train.warmup=0", "train.lr=0.002",
           "train.batch_size=8", "train.pixel_weight=1.0", "train.perceptual=alex", "train.round_size=32",
-          "train.steps_per_round=60", "search.samples_per_level=[20,20,10,5]", "search.reject_below=[]"]
+          "train.steps_per_round=60", "search.samples_per_level=[20,20,10,5]", "search.reject_below=[]",
+          "train.precision=float32"]
 PHOTOS = "data.path=photoset:train"  # train on the open photo set's training split instead of the nine built in
 REFERENCE = "small (before)"  # the configuration whose measured round time anchors every budget
 # What a group of runs is compared with, in order of preference: the ladder's reference, else the preset as it stands
@@ -121,6 +122,11 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "EMA 0.995 + 126 photos + lr 0.004, VGG last 2, pools x4": [
         *BEFORE, "train.ema=0.995", PHOTOS, "train.lr=0.004", "train.final_perceptual=vgg", "train.final_rounds=2",
         "search.samples_per_level=[80,80,40,20]"],
+    # The training step's forward in bfloat16 where the CPU has it natively (train.precision=auto; elsewhere this is
+    # the configuration above): about 1.5x faster steps here, so more rounds in the same CPU time.
+    "EMA 0.995 + 126 photos + lr 0.004, VGG last 2, pools x2, bf16 step": [
+        *BEFORE, "train.ema=0.995", PHOTOS, "train.lr=0.004", "train.final_perceptual=vgg", "train.final_rounds=2",
+        "search.samples_per_level=[40,40,20,10]", "train.precision=auto"],
     "EMA 0.995 + lr 0.004, VGG last 2, pools x2": [  # the same on the nine built-in photos, as `chimle demo` trains
         *BEFORE, "train.ema=0.995", "train.lr=0.004", "train.final_perceptual=vgg", "train.final_rounds=2",
         "search.samples_per_level=[40,40,20,10]"],
@@ -206,7 +212,8 @@ def cost_key(config) -> str:
     m, d, s, t = config.model, config.data, config.search, config.train
     return json.dumps([dataclasses.asdict(m), d.crop, d.crop_width, s.samples_per_level, s.flat, s.flat_samples,
                        s.zero_codes, s.max_batch, t.batch_size, t.steps_per_round, t.round_size, t.perceptual,
-                       t.pixel_weight > 0, t.final_perceptual, t.final_rounds])
+                       t.pixel_weight > 0, t.final_perceptual, t.final_rounds,
+                       str(devices.compute_dtype(t.precision, torch.device("cpu")))])
 
 
 def round_seconds(config) -> float:
@@ -229,8 +236,9 @@ def round_seconds(config) -> float:
     for i in range(5):
         started = time.process_time()
         index = training.batch_indices(config, i)
-        losses = training.level_losses(generator, distance, task, [x[index] for x in batch.inputs],
-                                       [y[index] for y in batch.targets], [c[index] for c in codes])
+        with training.step_precision(config, index.device):
+            losses = training.level_losses(generator, distance, task, [x[index] for x in batch.inputs],
+                                           [y[index] for y in batch.targets], [c[index] for c in codes])
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         optimizer.step()

@@ -235,6 +235,21 @@ def test_quality_budget_pays_a_switching_configurations_last_rounds_at_their_own
     assert quality.cost_key(first) == quality.cost_key(reference) != quality.cost_key(last)
 
 
+def test_quality_calibrates_a_bfloat16_step_apart_only_where_it_computes_in_bfloat16(monkeypatch):
+    """train.precision=auto costs its own calibration where the CPU computes in bf16 natively, and is the float32
+    configuration's cost (the same key) where it does not; the calibrated round runs the step as training does."""
+    import quality
+    from chimle import devices
+
+    fp32 = quality.job_config("decompression", "EMA 0.995 + 126 photos + lr 0.004, VGG last 2, pools x2")
+    bf16 = quality.job_config("decompression", "EMA 0.995 + 126 photos + lr 0.004, VGG last 2, pools x2, bf16 step")
+    assert bf16.train.precision == "auto" and fp32.train.precision == "float32"
+    monkeypatch.setattr(devices, "native_bf16", lambda device: True)
+    assert quality.cost_key(bf16) != quality.cost_key(fp32)
+    monkeypatch.setattr(devices, "native_bf16", lambda device: False)
+    assert quality.cost_key(bf16) == quality.cost_key(fp32)
+
+
 def test_quality_keeps_an_earlier_reports_results_and_names_the_runs_they_came_from():
     """--keep: a report's results beside this run's; a result of the same task, budget, configuration and seed is
     replaced by this run's, and the report names every run its rows came from."""

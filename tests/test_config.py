@@ -34,6 +34,7 @@ def test_dotted_overrides_are_typed():
         ("train.perceptual=squeeze", "'vgg' or 'alex'"),
         ("train.pixel_weight=-1", "pixel_weight=-1.0 must be >= 0"),
         ("search.precision=float16", "'float32' or 'bfloat16'"),
+        ("train.precision=half", "train.precision='half' must be 'auto', 'float32' or 'bfloat16'"),
         ("search.rescore=-1", "search.rescore=-1 must be >= 0"),
         ("train", "must look like section.field=value"),
         ("model=3", "is a section"),

@@ -68,11 +68,11 @@ def test_device_names_are_checked():
 
 def test_the_search_precision_follows_the_hardware(monkeypatch):
     cpu = torch.device("cpu")
-    assert devices.search_dtype("float32", cpu) is None
-    assert devices.search_dtype("bfloat16", cpu) is torch.bfloat16
-    assert devices.search_dtype("auto", cpu) is (torch.bfloat16 if devices.native_bf16(cpu) else None)
+    assert devices.compute_dtype("float32", cpu) is None
+    assert devices.compute_dtype("bfloat16", cpu) is torch.bfloat16
+    assert devices.compute_dtype("auto", cpu) is (torch.bfloat16 if devices.native_bf16(cpu) else None)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert devices.native_bf16(cpu) and devices.search_dtype("auto", cpu) is torch.bfloat16
+    assert devices.native_bf16(cpu) and devices.compute_dtype("auto", cpu) is torch.bfloat16
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert not devices.native_bf16(cpu) and devices.search_dtype("auto", cpu) is None
+    assert not devices.native_bf16(cpu) and devices.compute_dtype("auto", cpu) is None

@@ -212,3 +212,22 @@ def test_distance_adds_a_pixel_term_and_keeps_the_block_api(alex):
         # A uniform colour shift barely moves LPIPS but the pixel term sees it.
         shifted = (y * 0.6).clamp(0, 1)
         assert (weighted(shifted, y) - plain(shifted, y) > 0.5 * 0.1).all()
+
+
+def test_distances_stay_float32_under_bfloat16_autocast(alex):
+    """Under autocast (train.precision=bfloat16) the backbone runs in bfloat16, but the unit normalisation, the
+    weighted squared differences and the pixel term run in float32: the distance is float32 and close to the
+    float32 one, not rounded to bfloat16's 8 bits."""
+    from chimle.perceptual import Distance
+
+    x, y = images(4, 48, 40), images(2, 48, 40, seed=1)
+    distance = Distance(alex, pixel_weight=1.0)
+    with torch.no_grad():
+        exact = distance(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = distance.features(x)
+            low = distance(x, y)
+    assert all(f.dtype == torch.float32 for f in features)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, exact, rtol=0.03, atol=0.0)
+    assert not torch.equal(low, exact)  # the backbone did run in bfloat16

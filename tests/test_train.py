@@ -107,3 +107,49 @@ def test_adam_implementations_give_the_same_step():
         after[kind] = torch.cat([p.detach().flatten() for p in g.parameters()])
     torch.testing.assert_close(after["fused"], after["for-loop"], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(after["foreach"], after["for-loop"], atol=1e-6, rtol=1e-5)
+
+
+def test_a_bfloat16_step_is_close_to_float32_and_keeps_float32_weights():
+    """train.precision=bfloat16 runs the step's forward under autocast: the losses and gradients stay float32 and
+    close to float32's (the LPIPS distances on the features are float32), and so do the weights Adam updates."""
+    from chimle.train import level_losses, make_distance, step_precision
+    from chimle import tasks
+    from conftest import randomize
+
+    config = tiny_config("super-resolution", "train.precision=bfloat16")
+    generator = randomize(Generator(config.model))
+    distance, task = make_distance(config), tasks.get(config.task)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    inputs, targets = task.pair(images, config)
+    codes = [torch.randn(2, s, generator=torch.Generator().manual_seed(i))
+             for i, s in enumerate(generator.code_sizes(generator.start(inputs)))]
+    results = {}
+    for precision in ("float32", "bfloat16"):
+        generator.zero_grad(set_to_none=True)
+        with step_precision(tiny_config("super-resolution", f"train.precision={precision}"), torch.device("cpu")):
+            losses = level_losses(generator, distance, task, inputs, targets, codes)
+        losses.sum().backward()
+        assert losses.dtype == torch.float32
+        assert all(p.grad.dtype == torch.float32 for p in generator.parameters() if p.grad is not None)
+        results[precision] = losses.detach(), torch.cat([p.grad.flatten() for p in generator.parameters()
+                                                         if p.grad is not None])
+    (loss32, grad32), (loss16, grad16) = results["float32"], results["bfloat16"]
+    assert not torch.equal(loss16, loss32)  # it did compute in bfloat16
+    torch.testing.assert_close(loss16, loss32, rtol=0.02, atol=0.0)
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.98
+
+
+def test_a_killed_bfloat16_run_resumes_to_identical_weights(tmp_path):
+    """With train.precision=bfloat16 a resumed run still reaches an uninterrupted run's weights bit for bit, and
+    they differ from a float32 run's (the setting took effect)."""
+    from conftest import model_vector, run_killed
+
+    settings = ["train.rounds=2", "train.round_size=4", "train.steps_per_round=4", "train.checkpoint_every=2",
+                "train.grid_every=100", "train.precision=bfloat16"]
+    train(tiny_config("super-resolution", *settings), tmp_path / "whole")
+    train(tiny_config("super-resolution", *settings, "train.precision=float32"), tmp_path / "float32")
+    run_killed(tmp_path / "killed", "step:3", settings)
+    train(tiny_config("super-resolution", *settings), tmp_path / "killed", resume=True)
+    whole, killed, fp32 = (model_vector(tmp_path / name) for name in ("whole", "killed", "float32"))
+    assert torch.equal(whole, killed)
+    assert not torch.equal(whole, fp32)

@@ -96,6 +96,7 @@ class TrainConfig:
     decay_rounds: int = 0  # stable-decay: the last rounds, over which the rate falls (a run extended later decays at its new end)
     ema: float = 0.0  # decay per step of the moving average of the weights that sampling uses; 0 = off (paper: off)
     compile: bool = False  # torch.compile the step's forward and backward: one compile (minutes on a CPU) for the run (paper: off)
+    precision: str = "float32"  # the step's forward: float32 | bfloat16 (autocast; LPIPS distances and weights stay float32) | auto (bfloat16 where the device has it natively)
     init: str = "pytorch"  # initial weights: pytorch (PyTorch's defaults, style heads zero) | official (zero biases, Linear kaiming x 0.1)
     beta1: float = 0.9  # Adam beta1 (paper: 0.9)
     beta2: float = 0.999  # Adam beta2 (paper: 0.999)
@@ -371,6 +372,8 @@ def validate(config: Config) -> None:
         problems.append("search.flat_samples must be >= 0 and search.max_batch >= 1")
     if s.precision not in ("auto", "float32", "bfloat16"):
         problems.append(f"search.precision={s.precision!r} must be 'auto', 'float32' or 'bfloat16'")
+    if t.precision not in ("auto", "float32", "bfloat16"):
+        problems.append(f"train.precision={t.precision!r} must be 'auto', 'float32' or 'bfloat16'")
     if s.reject_below and (len(s.reject_below) not in (1, m.levels) or any(not v >= 0 for v in s.reject_below)):
         problems.append(f"search.reject_below={s.reject_below} needs one value >= 0, or one per level ({m.levels})")
     if s.adaptive and (not t.examples or s.flat or s.zero_codes):

@@ -6,7 +6,9 @@ Precision policy. Where chimle computes in float32 it means IEEE float32, on eve
 search and its float32 re-scoring of bfloat16 candidates (`search.precision`), sampling, LPIPS and the FID
 features. On CUDA GPUs since Ampere, PyTorch by default runs float32 convolutions in TensorFloat-32 (a 10-bit
 mantissa), and matrix products too where a library asks for it; `configure` switches TF32 off. bfloat16 is used
-only where a setting asks for it.
+only where a setting asks for it: `search.precision` (candidate renders) and `train.precision` (the training
+step's forward under autocast; the weights, their gradients, Adam and the LPIPS distances on the features stay
+float32).
 
 Determinism. `configure` also makes cuDNN choose its convolution algorithms deterministically (no benchmarking),
 so a computation repeats its float arithmetic on the same GPU and software. What is exact where:
@@ -61,8 +63,9 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def search_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The dtype the code search renders its candidates in for `search.precision` (None: float32)."""
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype that autocast computes in on `device` for a precision setting (`search.precision`,
+    `train.precision`: auto | float32 | bfloat16); None: float32, no autocast."""
     if precision == "bfloat16" or (precision == "auto" and native_bf16(device)):
         return torch.bfloat16
     return None

@@ -65,7 +65,9 @@ def _fits(layer: nn.Module, h: torch.Tensor) -> bool:
 
 
 def unit_normalise(h: torch.Tensor) -> torch.Tensor:
-    """Divide each pixel's feature vector by its length (plus EPS), over channels."""
+    """Divide each pixel's feature vector by its length (plus EPS), over channels, in float32 (features computed
+    under bfloat16 autocast are brought back to float32 here: the distances built on them stay float32)."""
+    h = h.float()
     return h / (torch.linalg.vector_norm(h, dim=1, keepdim=True) + EPS)
 
 
@@ -137,11 +139,12 @@ class LPIPS(nn.Module):
         if n % b:
             raise ValueError(f"{n} rows of fx cannot be split into blocks for {b} rows of fy")
         total = fx[0].new_zeros(b, n // b)
-        for f, g, w in zip(fx, fy, self.lin):
-            hh, ww = f.shape[-2:]
-            # A broadcast view of g stands for its m-fold repeat.
-            d = f.unflatten(0, (b, n // b)) - g.unsqueeze(1)
-            total = total + torch.einsum("bmchw,c->bm", d * d, w / (hh * ww))
+        with torch.autocast(fx[0].device.type, enabled=False):  # float32 under autocast too (see unit_normalise)
+            for f, g, w in zip(fx, fy, self.lin):
+                hh, ww = f.shape[-2:]
+                # A broadcast view of g stands for its m-fold repeat.
+                d = f.unflatten(0, (b, n // b)) - g.unsqueeze(1)
+                total = total + torch.einsum("bmchw,c->bm", d * d, w / (hh * ww))
         return total.view(n)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -172,7 +175,7 @@ class Distance(nn.Module):
         """Distances (N,) from N = B·m rows to B rows, in blocks of m as in `LPIPS.distance`."""
         if not self.pixel_weight:
             return self.lpips.distance(fx, fy)
-        x, y = fx[-1], fy[-1]
+        x, y = fx[-1].float(), fy[-1].float()  # float32 under autocast too
         n, b = x.shape[0], y.shape[0]
         pixel = (x.unflatten(0, (b, n // b)) - y.unsqueeze(1)).abs().mean((2, 3, 4)).view(n)
         return self.lpips.distance(fx[:-1], fy[:-1]) + self.pixel_weight * pixel

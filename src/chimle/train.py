@@ -122,7 +122,7 @@ def search_round(config: Config, generator: Generator, distance: Distance, batch
     inputs, targets, seeds = [x[mine] for x in batch.inputs], [y[mine] for y in batch.targets], seeds[mine]
     task, s = tasks.get(config.task), config.search
     generator.eval()
-    dtype = devices.search_dtype(s.precision, inputs[0].device)
+    dtype = devices.compute_dtype(s.precision, inputs[0].device)
 
     def search(x, y, pool_seeds):
         return hierarchical_search(generator, distance, task, x, y, pool_seeds, s.samples_per_level, s.max_batch,
@@ -208,6 +208,13 @@ def level_losses(generator: Generator, distance: Distance, task: tasks.Task, inp
         outputs = [o * w for o, w in zip(outputs, weights)]
         targets = [t * w for t, w in zip(targets, weights)]
     return torch.stack([distance(o, t).mean() for o, t in zip(outputs, targets)])
+
+
+def step_precision(config: Config, device: torch.device):
+    """The context the training step's forward runs in (`train.precision`): bfloat16 autocast, or none. The
+    weights, their gradients and Adam stay float32, and so do the LPIPS distances (chimle.perceptual)."""
+    dtype = devices.compute_dtype(config.train.precision, device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def learning_rate_factor(t: TrainConfig, step: int, total: int) -> float:
@@ -485,10 +492,11 @@ def _step(run: Run, batch: Round, index: torch.Tensor, step: int) -> torch.Tenso
     """One Adam step on the examples `index` of the round, gradients averaged over the processes; a non-finite
     loss skips the step (and, repeated, stops training). Returns the per-level losses, averaged likewise."""
     run.generator.train()
-    losses = run.losses(run.generator, run.distance_of(batch.number), tasks.get(run.config.task),
-                        [x[index] for x in batch.inputs], [y[index] for y in batch.targets],
-                        [c[index] for c in batch.codes],
-                        None if batch.weights is None else [w[index] for w in batch.weights])
+    with step_precision(run.config, index.device):
+        losses = run.losses(run.generator, run.distance_of(batch.number), tasks.get(run.config.task),
+                            [x[index] for x in batch.inputs], [y[index] for y in batch.targets],
+                            [c[index] for c in batch.codes],
+                            None if batch.weights is None else [w[index] for w in batch.weights])
     run.optimizer.zero_grad(set_to_none=True)
     loss = losses.sum()
     if torch.isfinite(loss):
