@@ -153,3 +153,5 @@ def test_a_killed_bfloat16_run_resumes_to_identical_weights(tmp_path):
     whole, killed, fp32 = (model_vector(tmp_path / name) for name in ("whole", "killed", "float32"))
     assert torch.equal(whole, killed)
     assert not torch.equal(whole, fp32)
+    assert "the step's forward in bfloat16 (train.precision=bfloat16)" in (tmp_path / "whole" / "log.txt").read_text()
+    assert "bfloat16" not in (tmp_path / "float32" / "log.txt").read_text()

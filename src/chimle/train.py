@@ -356,7 +356,9 @@ def train(config: Config | None, out: str | Path, resume: bool = False, device: 
         files.log(f"resumed at step {step} from {state['file']}")
     elif not resume:
         files.log(f"{len(dataset)} training images from {folder}; {run.rounds} rounds of {t.steps_per_round} steps"
-                  + (f", the last {t.final_rounds} with LPIPS-{t.final_perceptual}" if t.final_rounds else ""))
+                  + (f", the last {t.final_rounds} with LPIPS-{t.final_perceptual}" if t.final_rounds else "")
+                  + (f"; the step's forward in bfloat16 (train.precision={t.precision})"
+                     if devices.compute_dtype(t.precision, device) else ""))
     if start is not None:
         _start_from(run, start, init)
 
