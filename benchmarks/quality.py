@@ -131,6 +131,7 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
         *BEFORE, "train.ema=0.995", "train.lr=0.004", "train.final_perceptual=vgg", "train.final_rounds=2",
         "search.samples_per_level=[40,40,20,10]"],
     "small": [],
+    "small, bf16 step": ["train.precision=auto"],  # the preset with its step's forward in bf16 where that is native
 }
 MIN_PHOTOS = manifold.DENSITY_COVERAGE_K + 1  # coverage's k nearest neighbours need k + 1 real images per set
 TARGETS = {"super-resolution": 0.90, "colourization": 0.90, "decompression": 0.85}  # best-of-8 / baseline (issue)
