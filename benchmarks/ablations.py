@@ -18,7 +18,8 @@ samples per image help (10 / 60 / 120: FID 79.54 / 76.20 / 72.75); hierarchical 
 
 The "levels = 4", "12 per level" and "hierarchical" rows are the same runs. Every variant trains for the same
 rounds and steps with the same loss (LPIPS-AlexNet + 1.0 x L1, the `small` preset's choice for CPU runs) and
-the rest of `small`'s decompression settings (its weight average, EMA 0.995; SHARED below fixes the rest), and
+the rest of `small`'s decompression settings (its weight average: the report states the optimiser the runs
+resolved to; SHARED below fixes the rest), and
 is scored on held-out 32 px tiles of the three built-in held-out photos with chimle.evaluate's Scorer: FID and
 KID (TF Inception pool3), best-of-n LPIPS, LPIPS diversity and FWV (LPIPS-AlexNet throughout), each over three
 training seeds, mean ± standard deviation. Writes benchmarks/results/ablations.{md,json,png}.
@@ -270,6 +271,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: give at least 1")
+    if args.rounds is not None and args.rewrite:
+        parser.error("--rounds trains longer and --rewrite trains nothing (it redraws a saved report with the rounds "
+                     "it recorded): give one of them")
     if args.rewrite:
         saved = common.read_run(args.rewrite)
         result = {k: saved[k] for k in ("records", "sizes", "jpeg", "targets", "real_images", "optimiser") if k in saved}

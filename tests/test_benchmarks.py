@@ -642,3 +642,13 @@ def test_a_benchmarks_cpu_time_includes_the_jobs_it_ran_in_child_processes():
     busy = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
     subprocess.run([sys.executable, "-c", busy], check=True)
     assert clock.cpu_seconds >= 0.4
+
+
+def test_ablations_refuse_rounds_with_rewrite(tmp_path):
+    """--rewrite redraws a saved report with the rounds it recorded: a --rounds beside it would be silently
+    ignored, so the two together are refused with a message that says why."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ablations.py"
+    result = subprocess.run([sys.executable, str(script), "--rewrite", str(tmp_path / "ablations.json"), "--rounds",
+                             "18", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--rounds trains longer and --rewrite trains nothing" in result.stderr
+    assert not list(tmp_path.iterdir())
