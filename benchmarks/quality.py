@@ -72,7 +72,7 @@ PHOTOS = "data.path=photoset:train"  # train on the open photo set's training sp
 REFERENCE = "small (before)"  # the configuration whose measured round time anchors every budget
 # What a group of runs is compared with, in order of preference: the ladder's reference, else the preset as it stands
 # (a task's runs at the demo's budget may start from the preset rather than the ladder).
-REFERENCES = (REFERENCE, "small")
+REFERENCES = (REFERENCE, "small", "small, float32 step")
 CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "small (before)": BEFORE,
     "+ EMA 0.995": [*BEFORE, "train.ema=0.995"],
@@ -131,7 +131,9 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
         *BEFORE, "train.ema=0.995", "train.lr=0.004", "train.final_perceptual=vgg", "train.final_rounds=2",
         "search.samples_per_level=[40,40,20,10]"],
     "small": [],
-    "small, bf16 step": ["train.precision=auto"],  # the preset with its step's forward in bf16 where that is native
+    # The preset before it took up train.precision=auto (its earlier "small" rows ran so), and with it.
+    "small, float32 step": ["train.precision=float32"],
+    "small, bf16 step": ["train.precision=auto"],
 }
 MIN_PHOTOS = manifold.DENSITY_COVERAGE_K + 1  # coverage's k nearest neighbours need k + 1 real images per set
 TARGETS = {"super-resolution": 0.90, "colourization": 0.90, "decompression": 0.85}  # best-of-8 / baseline (issue)
@@ -495,11 +497,18 @@ def markdown(table: dict, run: dict) -> str:
                              + verdict(row["sets"][s]["ratio_best"], reference, name == ref) + " |")
             lines.append("")
         lines += [f"What each configuration changes from {REFERENCE} (on the `small` preset):", ""]
-        lines += [f"- **{name}**: " + (f"`{' '.join(o for o in row['overrides'] if o not in BEFORE)}`"
+        lines += [f"- **{name}**: " + (f"`{' '.join(own_overrides(row['overrides']))}`"
                                          if row["overrides"] else "the preset as it stands, no overrides")
                   for name, row in configs.items() if name != REFERENCE]
         lines += [f"- **{REFERENCE}**: `{' '.join(BEFORE)}`", ""]
     return "\n".join(lines)
+
+
+def own_overrides(overrides: list[str]) -> list[str]:
+    """A configuration's overrides without BEFORE's where it is built on BEFORE (rows recorded before BEFORE pinned
+    train.precision lack that one), else all of them."""
+    on_before = all(o in overrides for o in BEFORE if o != "train.precision=float32")
+    return [o for o in overrides if not (on_before and o in BEFORE)]
 
 
 def order(name: str) -> tuple[int, int]:

@@ -73,14 +73,19 @@ from chimle.search import codes_from  # noqa: E402
 # constant-rate runs of 100 and 56 rounds were extended into that decay, which moved best-of-8 / baseline on the
 # held-out photos 0.844 -> 0.836 and 0.856 -> 0.851 (the constant-rate learning curve had flattened: README,
 # "Quality at a fixed CPU budget"). A longer run is `-o train.rounds=N`, which also extends a finished run.
+# The installed models were trained in float32, before `small` took up train.precision=auto: the recipes pin it.
+FLOAT32 = ["train.precision=float32"]
 RECIPES: dict[str, dict] = {
-    "super-resolution": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.ema=0.999", "train.rounds=124",
-                                                       "train.schedule=stable-decay", "train.decay_rounds=24"]},
-    "colourization": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.ema=0.999", "train.rounds=64"]},
-    "decompression": {"preset": "small", "overrides": ["data.path=PHOTOS", "train.ema=0.999", "train.rounds=72",
-                                                    "train.schedule=stable-decay", "train.decay_rounds=16"]},
-    "paired": {"preset": "small", "overrides": ["data.path=NIGHT_PAIRS", "train.rounds=12"]},
-    "layout": {"preset": "small", "overrides": ["train.rounds=12"]},  # the built-in photos and label maps
+    "super-resolution": {"preset": "small", "overrides": [
+        *FLOAT32, "data.path=PHOTOS", "train.ema=0.999", "train.rounds=124", "train.schedule=stable-decay",
+        "train.decay_rounds=24"]},
+    "colourization": {"preset": "small", "overrides": [*FLOAT32, "data.path=PHOTOS", "train.ema=0.999",
+                                                    "train.rounds=64"]},
+    "decompression": {"preset": "small", "overrides": [
+        *FLOAT32, "data.path=PHOTOS", "train.ema=0.999", "train.rounds=72", "train.schedule=stable-decay",
+        "train.decay_rounds=16"]},
+    "paired": {"preset": "small", "overrides": [*FLOAT32, "data.path=NIGHT_PAIRS", "train.rounds=12"]},
+    "layout": {"preset": "small", "overrides": [*FLOAT32, "train.rounds=12"]},  # the built-in photos and label maps
 }
 # Fine-tuning recipes, used instead of RECIPES with `--init`: the task's model trained by its recipe above and
 # installed, then `scripts/train_builtin.py --task TASK --init builtin:TASK --install` (the record keeps both).
@@ -92,10 +97,10 @@ RECIPES: dict[str, dict] = {
 # over sampling seeds 0-2); twice the candidates per level on top of it gave 0.799 (mean), no gain.
 FINETUNES: dict[str, dict] = {
     "super-resolution": {"preset": "small", "overrides": [
-        "data.path=PHOTOS", "train.ema=0.999", "train.perceptual=vgg", "train.lr=0.001", "train.rounds=12",
+        *FLOAT32, "data.path=PHOTOS", "train.ema=0.999", "train.perceptual=vgg", "train.lr=0.001", "train.rounds=12",
         "train.schedule=stable-decay", "train.decay_rounds=8", "train.pixel_weight=0.3"]},
     "decompression": {"preset": "small", "overrides": [
-        "data.path=PHOTOS", "train.ema=0.999", "train.perceptual=vgg", "train.lr=0.001", "train.rounds=12",
+        *FLOAT32, "data.path=PHOTOS", "train.ema=0.999", "train.perceptual=vgg", "train.lr=0.001", "train.rounds=12",
         "train.schedule=stable-decay", "train.decay_rounds=8"]},
 }
 # --------------------------------------------------------------------------------------------------------------
@@ -148,9 +153,10 @@ def round_seconds(config: Config, device: torch.device) -> float:
     started = clock.now()
     for i in range(steps):
         index = training.batch_indices(config, i).to(device)
-        losses = training.level_losses(generator, distance, task, [x[index] for x in batch.inputs],
-                                       [y[index] for y in batch.targets], [c[index] for c in codes],
-                                       None if batch.weights is None else [w[index] for w in batch.weights])
+        with training.step_precision(config, device):
+            losses = training.level_losses(generator, distance, task, [x[index] for x in batch.inputs],
+                                           [y[index] for y in batch.targets], [c[index] for c in codes],
+                                           None if batch.weights is None else [w[index] for w in batch.weights])
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         optimizer.step()

@@ -109,14 +109,16 @@ def test_adam_implementations_give_the_same_step():
     torch.testing.assert_close(after["foreach"], after["for-loop"], atol=1e-6, rtol=1e-5)
 
 
-def test_a_bfloat16_step_is_close_to_float32_and_keeps_float32_weights():
+@pytest.mark.parametrize("task_name", ["super-resolution", "colourization"])
+def test_a_bfloat16_step_is_close_to_float32_and_keeps_float32_weights(task_name):
     """train.precision=bfloat16 runs the step's forward under autocast: the losses and gradients stay float32 and
-    close to float32's (the LPIPS distances on the features are float32), and so do the weights Adam updates."""
+    close to float32's (colour conversion and the LPIPS distances on the features are float32), and so do the
+    weights Adam updates."""
     from chimle.train import level_losses, make_distance, step_precision
     from chimle import tasks
     from conftest import randomize
 
-    config = tiny_config("super-resolution", "train.precision=bfloat16")
+    config = tiny_config(task_name, "train.precision=bfloat16")
     generator = randomize(Generator(config.model))
     distance, task = make_distance(config), tasks.get(config.task)
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -126,7 +128,7 @@ def test_a_bfloat16_step_is_close_to_float32_and_keeps_float32_weights():
     results = {}
     for precision in ("float32", "bfloat16"):
         generator.zero_grad(set_to_none=True)
-        with step_precision(tiny_config("super-resolution", f"train.precision={precision}"), torch.device("cpu")):
+        with step_precision(tiny_config(task_name, f"train.precision={precision}"), torch.device("cpu")):
             losses = level_losses(generator, distance, task, inputs, targets, codes)
         losses.sum().backward()
         assert losses.dtype == torch.float32

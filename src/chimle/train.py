@@ -203,7 +203,8 @@ def level_losses(generator: Generator, distance: Distance, task: tasks.Task, inp
     """Distance of each level's output to its target, averaged over the batch: (levels,). Per-pixel weights
     (layout rebalancing) multiply both output and target before the distance, as in the paper."""
     raw = generator(inputs, codes)
-    outputs = [task.image(r, inputs, level) for level, r in enumerate(raw)]
+    # In float32 from here (under bf16 autocast the raw outputs are bf16): colour conversion, weights, the pixel term.
+    outputs = [task.image(r.float(), inputs, level) for level, r in enumerate(raw)]
     if weights is not None:
         outputs = [o * w for o, w in zip(outputs, weights)]
         targets = [t * w for t, w in zip(targets, weights)]
