@@ -232,16 +232,12 @@ def round_seconds(config) -> float:
     batch = training.draw_round(config, dataset, 0, torch.device("cpu"))
     search = training.search_round(config, generator, distance, batch)
     search_seconds = time.process_time() - started
-    codes = codes_from(search, generator.code_sizes(generator.start([x[:1] for x in batch.inputs])))
-    task = tasks.get(config.task)
+    batch.codes = codes_from(search, generator.code_sizes(generator.start([x[:1] for x in batch.inputs])))
     generator.train()
     times = []
     for i in range(5):
         started = time.process_time()
-        index = training.batch_indices(config, i)
-        with training.step_precision(config, index.device):
-            losses = training.level_losses(generator, distance, task, [x[index] for x in batch.inputs],
-                                           [y[index] for y in batch.targets], [c[index] for c in codes])
+        losses = training.step_losses(config, generator, distance, batch, training.batch_indices(config, i))
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         optimizer.step()

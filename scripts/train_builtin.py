@@ -60,7 +60,7 @@ from chimle.checkpoint import atomic_write, load_model, save_model  # noqa: E402
 from chimle.config import Config, load_run, resolve, user_settings  # noqa: E402
 from chimle.data import list_images  # noqa: E402
 from chimle.generator import Generator, count_parameters, initialise  # noqa: E402
-from chimle.perceptual import LPIPS, Distance  # noqa: E402
+from chimle.perceptual import LPIPS  # noqa: E402
 from chimle.sample import Model, image_grid  # noqa: E402
 from chimle.search import codes_from  # noqa: E402
 
@@ -137,26 +137,23 @@ def with_data(overrides: list[str], out: Path) -> list[str]:
 def round_seconds(config: Config, device: torch.device) -> float:
     """Seconds (CPU time on a CPU, wall time on a GPU) of one round of `config`: its code search, and its steps
     timed over a few of them."""
-    t, task = config.train, tasks.get(config.task)
+    t = config.train
     clock = Clock(device)
     torch.manual_seed(t.seed)
     generator = initialise(Generator(config.model), t.init).to(device)
-    distance = Distance(LPIPS(t.perceptual), t.pixel_weight).to(device)
+    distance = training.make_distance(config).to(device)
     optimizer = training.make_optimizer(config, generator)
     started = clock.now()
     batch = training.draw_round(config, training.training_set(config), 0, device)
     search = training.search_round(config, generator, distance, batch)
     searched = clock.now() - started
-    codes = codes_from(search, generator.code_sizes(generator.start([x[:1] for x in batch.inputs])), device)
+    batch.codes = codes_from(search, generator.code_sizes(generator.start([x[:1] for x in batch.inputs])), device)
     steps = min(4, t.steps_per_round)
     generator.train()
     started = clock.now()
     for i in range(steps):
-        index = training.batch_indices(config, i).to(device)
-        with training.step_precision(config, device):
-            losses = training.level_losses(generator, distance, task, [x[index] for x in batch.inputs],
-                                           [y[index] for y in batch.targets], [c[index] for c in codes],
-                                           None if batch.weights is None else [w[index] for w in batch.weights])
+        losses = training.step_losses(config, generator, distance, batch,
+                                      training.batch_indices(config, i).to(device))
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         optimizer.step()

@@ -218,6 +218,16 @@ def step_precision(config: Config, device: torch.device):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def step_losses(config: Config, generator: Generator, distance: Distance, batch: Round, index: torch.Tensor,
+                losses: Callable[..., torch.Tensor] = level_losses) -> torch.Tensor:
+    """The training step's forward on the examples `index` of a round with its codes set: `losses` (level_losses,
+    or its compiled form) in the step's precision. Training and the benchmarks that time a step both call it."""
+    with step_precision(config, index.device):
+        return losses(generator, distance, tasks.get(config.task), [x[index] for x in batch.inputs],
+                      [y[index] for y in batch.targets], [c[index] for c in batch.codes],
+                      None if batch.weights is None else [w[index] for w in batch.weights])
+
+
 def learning_rate_factor(t: TrainConfig, step: int, total: int) -> float:
     """The multiple of `train.lr` at optimisation step `step` (0-based) of `total`: a linear warm-up over
     `train.warmup` steps, times a constant (the paper), or a half cosine from 1 down to `train.lr_final` over the
@@ -495,11 +505,7 @@ def _step(run: Run, batch: Round, index: torch.Tensor, step: int) -> torch.Tenso
     """One Adam step on the examples `index` of the round, gradients averaged over the processes; a non-finite
     loss skips the step (and, repeated, stops training). Returns the per-level losses, averaged likewise."""
     run.generator.train()
-    with step_precision(run.config, index.device):
-        losses = run.losses(run.generator, run.distance_of(batch.number), tasks.get(run.config.task),
-                            [x[index] for x in batch.inputs], [y[index] for y in batch.targets],
-                            [c[index] for c in batch.codes],
-                            None if batch.weights is None else [w[index] for w in batch.weights])
+    losses = step_losses(run.config, run.generator, run.distance_of(batch.number), batch, index, run.losses)
     run.optimizer.zero_grad(set_to_none=True)
     loss = losses.sum()
     if torch.isfinite(loss):
