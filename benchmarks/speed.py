@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -72,7 +73,7 @@ from chimle.config import Config, SearchConfig, resolve  # noqa: E402
 from chimle.generator import Generator, count_parameters  # noqa: E402
 from chimle.naive import naive_search, naive_step  # noqa: E402
 from chimle.search import channels_last, fixed_weights, hierarchical_search, level_batch  # noqa: E402
-from chimle.train import level_losses, make_distance, make_optimizer  # noqa: E402
+from chimle.train import Round, level_losses, make_distance, make_optimizer, step_losses  # noqa: E402
 
 TASKS = {"super-resolution": 128, "decompression": 64}  # task -> crop (target side), px
 PHASES = ("search", "roofline", "memory", "levers", "bf16", "train", "sample")
@@ -385,25 +386,30 @@ def train_setup(config: Config, device: torch.device, kind: str, layout: bool):
     inputs, targets = timing.examples(config, 1, device)
     sizes = generator.code_sizes(generator.start(inputs))
     codes = [torch.randn(1, s, generator=torch.Generator().manual_seed(level)).to(device) for level, s in enumerate(sizes)]
-    return generator, lpips, task, make_optimizer(config, generator, kind), (inputs, targets, codes)
+    batch = Round(number=0, ids=torch.zeros(1, dtype=torch.long), inputs=inputs, targets=targets, codes=codes)
+    return generator, lpips, task, make_optimizer(config, generator, kind), batch
 
 
-def train_steps(generator, lpips, task, optimizer, batch, device, warmup: int, steps: int, anomaly: bool = False,
-                dtype: torch.dtype | None = None, losses_of=level_losses) -> dict:
+def with_precision(config: Config, precision: str) -> Config:
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
+
+
+def train_steps(config: Config, generator, lpips, task, optimizer, batch: Round, device, warmup: int, steps: int,
+                anomaly: bool = False, losses_of=level_losses) -> dict:
     """Seconds per step (best of `steps` after `warmup`), split into forward, backward and Adam; the seconds
-    of the first step (where a compiled `losses_of` compiles) besides."""
-    inputs, targets, codes = batch
+    of the first step (where a compiled `losses_of` compiles) besides. The forward is training's own
+    (chimle.train.step_losses, in config's train.precision); with `anomaly`, the naive mode's step."""
+    index = torch.zeros(1, dtype=torch.long, device=device)
     first = None
     best, now = None, timing.clock(device)
     for step in range(warmup + steps):
         started = now()
         if anomaly:  # forward and backward together: anomaly mode is one context around both
-            naive_step(generator, lpips, task, optimizer, inputs, targets, codes)
+            naive_step(generator, lpips, task, optimizer, batch.inputs, batch.targets, batch.codes)
             timing.sync(device)
             times = {"forward": now() - started, "backward": 0.0, "optimizer": 0.0}
         else:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                losses = losses_of(generator, lpips, task, inputs, targets, codes)
+            losses = step_losses(config, generator, lpips, batch, index, losses=losses_of)
             timing.sync(device)
             t1 = now()
             optimizer.zero_grad(set_to_none=True)
@@ -425,7 +431,7 @@ def phase_train(spec: dict, device: torch.device) -> dict:
     if separate:  # this phase runs in its own process: the change ends with it
         WNConv2d.weight = separate_weight_norm
     generator, lpips, task, optimizer, batch = train_setup(config, device, kind, layout)
-    result = train_steps(generator, lpips, task, optimizer, batch, device, spec["warmup"], spec["steps"], anomaly,
+    result = train_steps(config, generator, lpips, task, optimizer, batch, device, spec["warmup"], spec["steps"], anomaly,
                          losses_of=torch.compile(level_losses, dynamic=False) if compiled else level_losses)
     return {**result, "peak_rss_gib": timing.peak_rss_gib(), **timing.gpu_memory(device)}
 
@@ -436,21 +442,22 @@ def phase_train_bf16(spec: dict, device: torch.device) -> dict:
     narrow = not native_bf16(device)
     config = make_config("super-resolution", spec["quick"], NARROW if narrow else [])
     generator, lpips, task, optimizer, batch = train_setup(config, device, "fused", False)
-    effect = bf16_effect(generator, lpips, task, *batch, device)
-    times = {name: train_steps(generator, lpips, task, optimizer, batch, device, spec["warmup"], spec["steps"],
-                               dtype=dtype) for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16))}
+    configs = {name: with_precision(config, name) for name in ("float32", "bfloat16")}
+    effect = bf16_effect(configs, generator, lpips, batch, device)
+    times = {name: train_steps(c, generator, lpips, task, optimizer, batch, device, spec["warmup"], spec["steps"])
+             for name, c in configs.items()}
     return {"narrow_model": narrow, "widths": {"channels": config.model.channels, "growth": config.model.growth},
             "parameters": count_parameters(generator), "steps": times, "effect": effect,
             "peak_rss_gib": timing.peak_rss_gib()}
 
 
-def bf16_effect(generator, lpips, task, inputs, targets, codes, device) -> dict:
-    """Per-level losses and the gradient under float32 and under bf16 autocast, same weights and batch."""
+def bf16_effect(configs: dict[str, Config], generator, lpips, batch: Round, device) -> dict:
+    """Per-level losses and the gradient of the training step's forward in float32 and in bfloat16 (configs:
+    precision -> config), same weights and batch."""
     grads, losses = [], []
-    for dtype in (None, torch.bfloat16):
+    for precision in ("float32", "bfloat16"):
         generator.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = level_losses(generator, lpips, task, inputs, targets, codes)
+        loss = step_losses(configs[precision], generator, lpips, batch, torch.zeros(1, dtype=torch.long, device=device))
         loss.sum().backward()
         losses.append(loss.detach().float())
         grads.append(torch.cat([p.grad.flatten() for p in generator.parameters() if p.grad is not None]))

@@ -652,3 +652,29 @@ def test_ablations_refuse_rounds_with_rewrite(tmp_path):
                              "18", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--rounds trains longer and --rewrite trains nothing" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_speed_times_the_training_steps_own_forward_in_each_precision(monkeypatch):
+    import speed
+
+    import chimle.train
+
+    monkeypatch.setattr(speed, "OVERRIDES", ["model.channels=[8,8,8,8]", "model.growth=[4,4,4,4]", "model.blocks=1",
+                                             "data.crop=32"])
+    precisions = []
+    step_losses = chimle.train.step_losses
+
+    def recording(config, *args, **kwargs):
+        precisions.append(config.train.precision)
+        return step_losses(config, *args, **kwargs)
+
+    monkeypatch.setattr(speed, "step_losses", recording)
+    result = speed.phase_train_bf16({"quick": True, "warmup": 0, "steps": 1}, torch.device("cpu"))
+    assert precisions == ["float32", "bfloat16", "float32", "bfloat16"]  # the effect on the loss, then the timings
+    effect = result["effect"]
+    assert effect["loss_bf16"] != effect["loss_fp32"] and effect["max_relative_loss_difference"] < 0.02
+    assert effect["gradient_cosine"] > 0.95
+    precisions.clear()
+    step = speed.phase_train({"quick": True, "variant": speed.TRAIN_AS_IT_IS, "warmup": 0, "steps": 1},
+                             torch.device("cpu"))
+    assert precisions == ["float32"] and step["seconds_per_step"] > 0
