@@ -134,6 +134,10 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     # The preset before it took up train.precision=auto (its earlier "small" rows ran so), and with it.
     "small, float32 step": ["train.precision=float32"],
     "small, bf16 step": ["train.precision=auto"],
+    # The built-in models' second stage within the preset's run: LPIPS-VGG for its last 2 rounds.
+    "small, VGG last 2": ["train.final_perceptual=vgg", "train.final_rounds=2"],
+    # Decompression's recipe in `small` (tasks.decompression.train) for the other tasks.
+    "small, EMA 0.995 + lr 0.004": ["train.ema=0.995", "train.lr=0.004"],
 }
 MIN_PHOTOS = manifold.DENSITY_COVERAGE_K + 1  # coverage's k nearest neighbours need k + 1 real images per set
 TARGETS = {"super-resolution": 0.90, "colourization": 0.90, "decompression": 0.85}  # best-of-8 / baseline (issue)
