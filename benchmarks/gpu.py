@@ -207,11 +207,11 @@ def phase_sample(config, device, args, report) -> dict:
 
 def phase_train(config, device, args, report) -> dict:
     rows = {}
-    for name, dtype in (("float32", None), ("bfloat16 autocast", torch.bfloat16)):
+    for name, precision in (("float32", "float32"), ("bfloat16 autocast", "bfloat16")):  # train.precision
         reset_peak(device)
         generator, lpips, task, optimizer, batch = speed.train_setup(config, device, "fused", False)
-        result = speed.train_steps(generator, lpips, task, optimizer, batch, device, warmup=2, steps=args.steps,
-                                   dtype=dtype)
+        result = speed.train_steps(speed.with_precision(config, precision), generator, lpips, task, optimizer, batch,
+                                   device, warmup=2, steps=args.steps)
         rows[name] = {"seconds_per_step": result["seconds_per_step"], "steps_per_second": 1 / result["seconds_per_step"],
                       "breakdown": result["breakdown"], **timing.gpu_memory(device)}
         del generator, lpips, optimizer, batch
