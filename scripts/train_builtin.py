@@ -79,8 +79,9 @@ RECIPES: dict[str, dict] = {
     "super-resolution": {"preset": "small", "overrides": [
         *FLOAT32, "data.path=PHOTOS", "train.ema=0.999", "train.rounds=124", "train.schedule=stable-decay",
         "train.decay_rounds=24"]},
+    # The rate the installed model was trained at, before `small` took up 0.004 for colourization.
     "colourization": {"preset": "small", "overrides": [*FLOAT32, "data.path=PHOTOS", "train.ema=0.999",
-                                                    "train.rounds=64"]},
+                                                    "train.lr=0.002", "train.rounds=64"]},
     "decompression": {"preset": "small", "overrides": [
         *FLOAT32, "data.path=PHOTOS", "train.ema=0.999", "train.rounds=72", "train.schedule=stable-decay",
         "train.decay_rounds=16"]},
