@@ -47,7 +47,7 @@ TILE = 32  # training crop and held-out tile side, px
 SHARED = ["model.blocks=1", "model.noise_channels=2", "model.code_dim=16", "model.style_dim=32",
           "model.mapping_layers=2", f"data.crop={TILE}", "train.round_size=16", "train.steps_per_round=30",
           "train.batch_size=4", "train.lr=0.002", "train.perceptual=alex", "train.pixel_weight=1.0",
-          "data.jpeg_quality=1"]
+          "data.jpeg_quality=1", "train.precision=float32"]  # the committed reports' step (before `small`'s bf16)
 FOUR = ["model.levels=4", "model.channels=[16,16,16,16]", "model.growth=[8,8,8,8]"]
 VARIANTS = {  # name -> overrides; widths chosen so one forward pass costs about the same in every variant
     "levels=1": ["model.levels=1", "model.channels=[20]", "model.growth=[10]", "search.samples_per_level=[48]"],

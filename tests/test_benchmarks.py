@@ -678,3 +678,16 @@ def test_speed_times_the_training_steps_own_forward_in_each_precision(monkeypatc
     step = speed.phase_train({"quick": True, "variant": speed.TRAIN_AS_IT_IS, "warmup": 0, "steps": 1},
                              torch.device("cpu"))
     assert precisions == ["float32"] and step["seconds_per_step"] > 0
+
+
+def test_modes_and_ablations_train_in_float32_as_their_committed_reports_did():
+    """`small` trains with train.precision=auto (bf16 where native); the two benchmarks pin the float32 step their
+    reports were measured with, so that rerunning them reproduces those reports on any machine."""
+    import ablations
+    import common
+    import modes
+
+    hierarchical = [*modes.MODEL, *modes.SCHEDULE, *modes.METHODS["hierarchical"]]
+    assert common.config("paired", hierarchical).train.precision == "float32"
+    for variant in ablations.VARIANTS.values():
+        assert common.config("decompression", [*ablations.SHARED, *variant]).train.precision == "float32"
