@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from chimle.blocks import folded
-from chimle.config import resolve
-from chimle.generator import Generator, count_parameters
+from chimle.config import ConfigError, resolve
+from chimle.generator import Generator, count_parameters, upsample_image
 from conftest import randomize, tiny_config
 
 
@@ -55,11 +55,13 @@ def test_non_square_inputs_and_code_sizes(rng):
     assert outputs[-1].shape == (1, 3, 12, 20)
 
 
-@pytest.mark.parametrize("task", ["super-resolution", "decompression", "colourization"])
-def test_prefix_rendering_equals_full_rendering(task, rng):
+@pytest.mark.parametrize("task, extra", [("super-resolution", []), ("decompression", []), ("colourization", []),
+                                         ("super-resolution", ["model.predict_residual=true"]),
+                                         ("decompression", ["model.predict_residual=true"])])
+def test_prefix_rendering_equals_full_rendering(task, extra, rng):
     """Render levels < l once, then level l for many candidates: same as rendering each candidate in full."""
     cfg = tiny_config(task, "model.levels=3", "model.channels=[8,8,4]", "model.growth=[4,4,4]",
-                      "search.samples_per_level=[2,2,2]")
+                      "search.samples_per_level=[2,2,2]", *extra)
     g = randomize(Generator(cfg.model), seed=3).eval()
     inputs = inputs_for(g, 2, 4 if task == "super-resolution" else 16, rng)
     prefix_codes = codes_for(g, inputs, rng)
@@ -76,6 +78,35 @@ def test_prefix_rendering_equals_full_rendering(task, rng):
                 codes = [c[i : i + 1] for c in prefix_codes[:2]] + [candidates[i * m + j : i * m + j + 1]]
                 full = g(one, codes)[2]
                 torch.testing.assert_close(fast[i * m + j : i * m + j + 1], full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["super-resolution", "decompression"])
+def test_an_untrained_residual_tower_outputs_its_input_brought_to_size_and_learns_a_correction(task, rng):
+    cfg = tiny_config(task, "model.predict_residual=true")
+    g = Generator(cfg.model)
+    inputs = inputs_for(g, 2, 4 if task == "super-resolution" else 16, rng)
+    codes = codes_for(g, inputs, rng)
+    outputs = g(inputs, codes)
+    expected = inputs[0]
+    for level, out in enumerate(outputs):
+        expected = upsample_image(expected) if task == "super-resolution" else inputs[level]
+        assert torch.equal(out, expected)
+
+    # The zero correction still gets a gradient: one step makes the output depend on the code.
+    sum((out - torch.rand_like(out)).abs().mean() for out in outputs).backward()
+    assert all(level.out.weight_g.grad.abs().sum() > 0 for level in g.levels)
+    with torch.no_grad():
+        for level in g.levels:
+            level.out.weight_g.sub_(0.1 * level.out.weight_g.grad.sign())
+        a = g(inputs, codes)[-1]
+        b = g(inputs, [torch.randn_like(c) for c in codes])[-1]
+    assert not torch.equal(a, expected) and not torch.equal(a, b)
+
+
+def test_predict_residual_is_refused_where_outputs_are_not_like_inputs():
+    for task in ("colourization", "layout"):
+        with pytest.raises(ConfigError, match="predict_residual=true adds each level's output to its image input"):
+            tiny_config(task, "model.predict_residual=true")
 
 
 def test_coarse_code_changes_every_finer_level_and_fine_code_only_its_own(rng):

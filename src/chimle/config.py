@@ -44,6 +44,7 @@ class ModelConfig:
     mapping_layers: int = 7  # Linear layers after each level's embedding (paper: 7)
     in_channels: int = 3  # image channels fed to each level (set by the task; 1 for colourization)
     out_channels: int = 3  # channels each level predicts (set by the task; 2 chroma channels for colourization)
+    predict_residual: bool = False  # each level adds its output to its image input at the output's size (paper: off)
 
 
 @dataclass
@@ -364,6 +365,11 @@ def validate(config: Config) -> None:
     for name in ("blocks", "code_dim", "style_dim", "mapping_layers", "in_channels", "out_channels"):
         if getattr(m, name) < 1:
             problems.append(f"model.{name}={getattr(m, name)} must be >= 1")
+    if m.predict_residual and (m.wiring == "colourization" or m.in_channels != m.out_channels
+                               or config.task == "layout"):
+        problems.append(f"model.predict_residual=true adds each level's output to its image input, which needs "
+                        f"outputs like the inputs (in_channels={m.in_channels}, out_channels={m.out_channels}, "
+                        f"task {config.task!r}): use it for super-resolution, decompression or paired tasks")
     if m.noise_channels < 0:
         problems.append(f"model.noise_channels={m.noise_channels} must be >= 0")
     if len(s.samples_per_level) != m.levels or any(v < 1 for v in s.samples_per_level):

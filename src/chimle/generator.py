@@ -11,6 +11,11 @@ tanh image. The three wirings:
     colourization      like generic, with the L channel as input and two chroma channels as output; the last
                        level refines its features without upsampling before its output
 
+With `model.predict_residual` (not in the paper) each level's tanh output is a correction added to its image
+input brought to the output's size: bicubic x2 of the low-resolution input or the previous output for
+super-resolution, the level's own input for the generic wiring (so only where outputs are images like the
+inputs). The correction's last convolution starts at zero, so an untrained tower outputs that input as it is.
+
 Because level l depends on levels < l only through a small state (their styles, the upsampled features and
 the last output), `start` + `render_level` render one level at a time from a cached `Prefix`: the code
 search renders the prefix of an example once and only the current level for each candidate.
@@ -21,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from chimle.blocks import MappingNetwork, StyleBlock, Upsample, WNConv2d, leaky
@@ -80,6 +86,12 @@ class Level(nn.Module):
         else:
             self.up = Upsample(channels)
         self.out = WNConv2d(channels, cfg.out_channels)
+        if cfg.predict_residual:
+            # The correction starts at zero (g = 0 makes the normalised weight zero and still gets a gradient), so
+            # an untrained tower outputs its input brought to size: bicubic x2 per level for super-resolution.
+            with torch.no_grad():
+                self.out.weight_g.zero_()
+                self.out.bias.zero_()
 
 
 class Generator(nn.Module):
@@ -153,6 +165,8 @@ class Generator(nn.Module):
         else:
             out = torch.tanh(module.out(features))
             features = module.up(features) if not last else None
+        if cfg.predict_residual:
+            out = out + (upsample_image(image) if cfg.wiring == "super-resolution" else image)
 
         return out, Prefix(prefix.inputs, [*prefix.styles, style], features, out, level + 1)
 
@@ -168,6 +182,11 @@ class Generator(nn.Module):
     def mapping_parameters(self) -> list[nn.Parameter]:
         """Parameters of the mapping networks (trained at a lower rate, DESIGN.md §2.5)."""
         return [p for level in self.levels for m in (level.map_0, level.map) for p in m.parameters()]
+
+
+def upsample_image(image: torch.Tensor) -> torch.Tensor:
+    """An image at twice its size (bicubic): what a super-resolution level with model.predict_residual corrects."""
+    return F.interpolate(image, scale_factor=2, mode="bicubic", align_corners=False)
 
 
 def initialise(generator: Generator, scheme: str) -> Generator:
