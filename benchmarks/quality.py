@@ -17,6 +17,9 @@ gets the rest of the budget at the cost of the others (rounds_within). (Adaptive
 a round's calibration assumes: it gets the rounds of a plain search and uses less CPU time, which the report
 shows.) Each (configuration, seed) runs in its own one-thread process, `--jobs` at a time; finished runs are kept
 in `--work`, so a killed benchmark continues where it stopped and adding a configuration only trains the new one.
+The report holds the configurations and seeds this command names (and with `--keep` an earlier report's), never
+other results left in the work folder: a name's meaning can change with the preset (each result records the
+settings it resolved to, `settings`).
 
 Scoring (LPIPS-VGG throughout, 8 samples per input, seed 0), on two held-out sets never trained on:
     builtin   the demo's 12 tiles: four 128 px tiles from the centre of each built-in held-out photo
@@ -49,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from chimle import devices, tasks, train as training  # noqa: E402
+from chimle.config import ConfigError  # noqa: E402
 from chimle.data import center_crop, list_images, load_image  # noqa: E402
 from chimle.generator import Generator, initialise  # noqa: E402
 from chimle.metrics import fid as fid_lib, manifold  # noqa: E402
@@ -138,6 +142,9 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "small, VGG last 2": ["train.final_perceptual=vgg", "train.final_rounds=2"],
     # Decompression's recipe in `small` (tasks.decompression.train) for the other tasks.
     "small, EMA 0.995 + lr 0.004": ["train.ema=0.995", "train.lr=0.004"],
+    # Each level corrects its input brought to size (bicubic x2 for super-resolution) instead of drawing the image
+    "small, residual": ["model.predict_residual=true"],
+    "small, residual + EMA 0.995 + lr 0.004": ["model.predict_residual=true", "train.ema=0.995", "train.lr=0.004"],
 }
 MIN_PHOTOS = manifold.DENSITY_COVERAGE_K + 1  # coverage's k nearest neighbours need k + 1 real images per set
 TARGETS = {"super-resolution": 0.90, "colourization": 0.90, "decompression": 0.85}  # best-of-8 / baseline (issue)
@@ -326,7 +333,8 @@ def train_and_score(task: str, name: str, seed: int, budget: float, rounds: int,
         snap["scores"] = score(Path(snap["file"]), {"builtin": sets["builtin"]}, False, lpips)
     snapshots[-1]["scores"] = score(Path(snapshots[-1]["file"]), sets, True, lpips, inception)
     cpu = common.cpu()
-    return {"task": task, "config": name, "overrides": CONFIGS[name], "seed": seed, "budget_minutes": budget,
+    return {"task": task, "config": name, "overrides": CONFIGS[name], "settings": dataclasses.asdict(config),
+            "seed": seed, "budget_minutes": budget,
             "cpu_model": cpu["cpu_model"], "cpu_flags": cpu["cpu_flags"], "rounds": rounds,
             "steps": rounds * steps_per_round, "train_cpu_seconds": train_cpu,
             "score_cpu_seconds": time.process_time() - scoring_started,
@@ -586,6 +594,11 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
         budget, seeds, photos = args.budget, args.seeds, args.photos
+        for name in names:
+            try:
+                job_config(args.task, name)
+            except ConfigError as error:
+                parser.error(f"configuration {name!r} does not apply to {args.task}: {error}")
         if 0 < photos < MIN_PHOTOS:
             parser.error(f"--photos {photos}: give 0 (the built-in tiles only) or at least {MIN_PHOTOS} (coverage "
                          f"looks at {MIN_PHOTOS - 1} nearest neighbours among the real images)")
@@ -593,9 +606,8 @@ def main(argv: list[str] | None = None) -> None:
             budget, seeds, photos, names = QUICK["budget"], QUICK["seeds"], QUICK["photos"], QUICK["configs"]
             work = work / "quick"
         load_before, clock = common.load_average(), common.Stopwatch()
-        run(args.task, budget, names, seeds, args.jobs, work, photos)
+        results = run(args.task, budget, names, seeds, args.jobs, work, photos)
         record = common.run_record(clock, load_before)
-        results = [json.loads(p.read_text()) for p in sorted(work.glob("*/*/budget-*/seed-*.json"))]
     if args.keep:
         results, earlier = keep(common.read_run(args.keep), results)
         record["earlier"] = [*record.get("earlier", []), *earlier]

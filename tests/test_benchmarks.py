@@ -211,9 +211,44 @@ def test_every_quality_configuration_is_a_valid_config_of_every_task(task):
     """A configuration whose overrides name a setting that does not exist, or a value out of range, fails here
     rather than in the middle of a two-hour ladder."""
     import quality
+    from chimle.config import ConfigError
 
-    for name in quality.CONFIGS:
+    for name, overrides in quality.CONFIGS.items():
+        if task == "colourization" and "model.predict_residual=true" in overrides:  # chroma is not its input
+            with pytest.raises(ConfigError, match="predict_residual"):
+                quality.job_config(task, name)
+            continue
         assert quality.job_config(task, name).task == task, name
+
+
+def test_quality_refuses_a_configuration_that_does_not_apply_to_the_task_before_any_work(tmp_path, capsys):
+    import quality
+
+    with pytest.raises(SystemExit) as stopped:
+        quality.main(["--task", "colourization", "--configs", "small", "small, residual", "--work",
+                      str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    assert "configuration 'small, residual' does not apply to colourization" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
+def test_quality_reports_the_runs_it_was_asked_for_not_every_result_in_its_work_folder(tmp_path, monkeypatch):
+    """A work folder kept results of a configuration run before a preset change; a later run of other
+    configurations put them in its report under the name's new meaning."""
+    import quality
+
+    asked = [{"task": "super-resolution", "config": "small, residual", "seed": 0, "budget_minutes": 1.0}]
+    stale = tmp_path / "work" / "super-resolution" / "small" / "budget-1" / "seed-0.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({**asked[0], "config": "small"}))
+    reported = {}
+    monkeypatch.setattr(quality, "run", lambda *args: asked)
+    monkeypatch.setattr(quality, "summarise", lambda results: reported.setdefault("results", results))
+    monkeypatch.setattr(quality, "markdown", lambda table, record: "")
+    monkeypatch.setattr(quality, "plot", lambda results, path: None)
+    quality.main(["--configs", "small, residual", "--seeds", "0", "--budget", "1", "--work", str(tmp_path / "work"),
+                  "--out", str(tmp_path / "out")])
+    assert reported["results"] == asked
 
 
 def test_quality_budget_pays_a_switching_configurations_last_rounds_at_their_own_cost():
