@@ -230,30 +230,46 @@ def cost_key(config) -> str:
                        str(devices.compute_dtype(t.precision, torch.device("cpu")))])
 
 
-def round_seconds(config) -> float:
-    """CPU seconds of one round of `config` on this thread: one code search and `steps_per_round` steps (the
-    least of a few timed steps after a warm-up one, which is the least disturbed by other work)."""
+def round_seconds(config, device: torch.device = torch.device("cpu")) -> float:
+    """Seconds of one round of `config` (CPU time of this process on a CPU, wall time on a GPU): one code search
+    and `steps_per_round` steps, at the least of a few timed steps after a warm-up one (the least disturbed by
+    other work). scripts/train_builtin.py's `--minutes` turns it into rounds too."""
     t = config.train
+    clock = Clock(device)
     dataset = training.training_set(config)
     torch.manual_seed(t.seed)
-    generator = initialise(Generator(config.model), t.init)
-    distance = training.make_distance(config)
+    generator = initialise(Generator(config.model), t.init).to(device)
+    distance = training.make_distance(config).to(device)
     optimizer = training.make_optimizer(config, generator)
-    started = time.process_time()
-    batch = training.draw_round(config, dataset, 0, torch.device("cpu"))
+    started = clock.now()
+    batch = training.draw_round(config, dataset, 0, device)
     search = training.search_round(config, generator, distance, batch)
-    search_seconds = time.process_time() - started
-    batch.codes = codes_from(search, generator.code_sizes(generator.start([x[:1] for x in batch.inputs])))
+    search_seconds = clock.now() - started
+    batch.codes = codes_from(search, generator.code_sizes(generator.start([x[:1] for x in batch.inputs])), device)
     generator.train()
     times = []
     for i in range(5):
-        started = time.process_time()
-        losses = training.step_losses(config, generator, distance, batch, training.batch_indices(config, i))
+        started = clock.now()
+        losses = training.step_losses(config, generator, distance, batch,
+                                      training.batch_indices(config, i).to(device))
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         optimizer.step()
-        times.append(time.process_time() - started)
+        times.append(clock.now() - started)
     return search_seconds + t.steps_per_round * min(times[1:])
+
+
+class Clock:
+    """CPU time of this process on a CPU; wall time, after the GPU's queued work, on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return time.perf_counter()
+        return time.process_time()
 
 
 def one_distance(config, final: bool = False):

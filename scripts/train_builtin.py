@@ -59,10 +59,9 @@ from chimle import train as training  # noqa: E402
 from chimle.checkpoint import atomic_write, load_model, save_model  # noqa: E402
 from chimle.config import Config, load_run, resolve, user_settings  # noqa: E402
 from chimle.data import list_images  # noqa: E402
-from chimle.generator import Generator, count_parameters, initialise  # noqa: E402
+from chimle.generator import count_parameters  # noqa: E402
 from chimle.perceptual import LPIPS  # noqa: E402
 from chimle.sample import Model, image_grid  # noqa: E402
-from chimle.search import codes_from  # noqa: E402
 
 # ---- The recipes ---------------------------------------------------------------------------------------------
 # One per task: a preset and overrides of it; `train.rounds` is the length. PHOTOS stands for the open photo set's
@@ -135,45 +134,6 @@ def with_data(overrides: list[str], out: Path) -> list[str]:
     return result
 
 
-def round_seconds(config: Config, device: torch.device) -> float:
-    """Seconds (CPU time on a CPU, wall time on a GPU) of one round of `config`: its code search, and its steps
-    timed over a few of them."""
-    t = config.train
-    clock = Clock(device)
-    torch.manual_seed(t.seed)
-    generator = initialise(Generator(config.model), t.init).to(device)
-    distance = training.make_distance(config).to(device)
-    optimizer = training.make_optimizer(config, generator)
-    started = clock.now()
-    batch = training.draw_round(config, training.training_set(config), 0, device)
-    search = training.search_round(config, generator, distance, batch)
-    searched = clock.now() - started
-    batch.codes = codes_from(search, generator.code_sizes(generator.start([x[:1] for x in batch.inputs])), device)
-    steps = min(4, t.steps_per_round)
-    generator.train()
-    started = clock.now()
-    for i in range(steps):
-        losses = training.step_losses(config, generator, distance, batch,
-                                      training.batch_indices(config, i).to(device))
-        optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        optimizer.step()
-    return searched + t.steps_per_round * (clock.now() - started) / steps
-
-
-class Clock:
-    """CPU time of this process on a CPU; wall time, after the GPU's queued work, on a GPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return time.perf_counter()
-        return time.process_time()
-
-
 def train(task: str, args, out: Path) -> tuple[Config, dict, dict]:
     """Train the recipe (or continue its run) in out/run; returns the run's config, the recipe it was given
     (OUT/recipe.json: preset and overrides, those of every session) and the time it took."""
@@ -193,7 +153,7 @@ def train(task: str, args, out: Path) -> tuple[Config, dict, dict]:
             atomic_write(out / "init.json", json.dumps(starting_model(args.init), indent=1).encode())
         config = resolve(task=task, preset=preset, overrides=with_data(used["overrides"], out))
         if args.minutes:
-            seconds = round_seconds(config, device)
+            seconds = quality.round_seconds(config, device)
             rounds = max(1, round(args.minutes * 60 / seconds))
             print(f"one round takes {seconds:.0f} s here: {rounds} rounds for {args.minutes:g} minutes")
             used["overrides"].append(f"train.rounds={rounds}")

@@ -726,3 +726,18 @@ def test_modes_and_ablations_train_in_float32_as_their_committed_reports_did():
     assert common.config("paired", hierarchical).train.precision == "float32"
     for variant in ablations.VARIANTS.values():
         assert common.config("decompression", [*ablations.SHARED, *variant]).train.precision == "float32"
+
+
+def test_a_rounds_time_is_its_search_and_its_steps_at_the_least_step_after_the_warm_up(monkeypatch):
+    """One estimate of a round's time for quality.py's budgets and train_builtin.py's --minutes (once two: a mean
+    of four steps with no warm-up there, the least after a warm-up here)."""
+    import quality
+    from conftest import tiny_config
+
+    ticks = iter([0.0, 2.0,  # the search: 2 s
+                  10.0, 19.0,  # the warm-up step: 9 s, not counted
+                  20.0, 21.5, 30.0, 31.0, 40.0, 41.2, 50.0, 51.1])  # then 1.5, 1.0, 1.2, 1.1 s
+    monkeypatch.setattr(quality.Clock, "now", lambda self: next(ticks))
+    config = tiny_config("super-resolution", "train.steps_per_round=10")
+    assert quality.round_seconds(config) == pytest.approx(2.0 + 10 * 1.0)
+    assert next(ticks, None) is None
