@@ -294,3 +294,20 @@ def test_card_of_a_model_fine_tuned_twice_names_every_stage_and_adds_up_their_ti
     assert "`abababababababab…`" in text and "`cdcdcdcdcdcdcdcd…`" in text
     assert text.index("0.840") < text.index("0.810") < text.index("`train.pixel_weight=0.3`")  # earliest first
     assert "All 3 stages together took 3.50 hours of CPU time" in text
+
+
+def test_fine_tuning_takes_the_model_settings_the_command_line_leaves_at_the_presets(tmp_path, capsys):
+    """A built-in model trained before its preset changed (super-resolution before `small` took up
+    model.predict_residual) could no longer be fine-tuned by the README's command: every differing field was refused."""
+    config = tiny_config("super-resolution", "model.predict_residual=true", "model.code_dim=6")
+    save_model(tmp_path / "sr.safetensors", randomize(Generator(config.model), seed=4), config)
+    assert main(["train", "--init", str(tmp_path / "sr.safetensors"), "--preset", "tiny", "--out",
+                 str(tmp_path / "run"), *[x for o in FAST for x in ("-o", o)]]) == 0
+    assert (f"taking the model settings of {tmp_path / 'sr.safetensors'} that differ from the preset's: "
+            "model.code_dim=6 model.predict_residual=true") in capsys.readouterr().out
+    model = load_model(tmp_path / "run")[1].model
+    assert model.predict_residual and model.code_dim == 6
+    # What the command line gives stays, and is refused where the weights differ.
+    assert main(["train", "--init", str(tmp_path / "sr.safetensors"), "--preset", "tiny", "-o", "model.code_dim=5",
+                 "--out", str(tmp_path / "refused")]) == 2
+    assert "model.code_dim=6 (this run: 5)" in capsys.readouterr().err and not (tmp_path / "refused").exists()

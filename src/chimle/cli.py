@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--init", default=None, metavar="MODEL",
                        help="start a new run from these weights: builtin:TASK, a run directory or a model file (same "
-                            "task and model settings); a resumed run continues from its own state and ignores it")
+                            "task; model settings the command line leaves at the preset's are taken from them); a "
+                            "resumed run continues from its own state and ignores it")
     train.add_argument("--skip-bad", action="store_true", help="skip unreadable or too-small images with a warning")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
@@ -260,17 +261,36 @@ def _train(args) -> None:
         overrides.append(f"data.inputs={args.inputs}")
     if args.skip_bad:
         overrides.append("data.skip_bad=true")
-    if args.init is not None and args.task is None and not args.resume:  # fine-tuning: the task of the weights
+    starting = None
+    if args.init is not None and not args.resume:  # fine-tuning: the task of the weights, and their model settings
         from chimle import builtin
         from chimle.checkpoint import read_config
 
-        args.task = read_config(builtin.locate(args.init)).task
+        starting = read_config(builtin.locate(args.init))
+        args.task = args.task or starting.task
     if args.resume:  # the run's config.yaml, changed by what this command line sets (refused where it cannot apply)
         settings = user_settings(args.config, overrides, task=args.task, preset=args.preset)
         train(None, args.out, resume=True, device=args.device, settings=settings, init=args.init)
         return
     config = resolve(task=args.task, preset=args.preset or "small", file=args.config, overrides=overrides)
+    if starting is not None and starting.task == config.task:
+        taken = _model_settings_of(starting, config, resolve(task=args.task, preset=args.preset or "small"))
+        if taken:
+            print(f"taking the model settings of {args.init} that differ from the preset's: {' '.join(taken)}")
+            config = resolve(task=args.task, preset=args.preset or "small", file=args.config,
+                             overrides=[*overrides, *taken])
     train(config, args.out, device=args.device, init=args.init)
+
+
+def _model_settings_of(starting, config, preset) -> list[str]:
+    """Overrides giving `config` the model settings of the weights it starts from (`starting`, their config) where
+    it leaves them at the preset's: a built-in model keeps the architecture it was trained with when the preset has
+    since changed. Settings the command line or config file gave stay, and are refused later if they differ."""
+    import json
+
+    task_set = ("wiring", "in_channels", "out_channels")  # the task's, the same for the same task
+    return [f"model.{k}={json.dumps(v)}" for k, v in vars(starting.model).items()
+            if k not in task_set and getattr(config.model, k) == getattr(preset.model, k) != v]
 
 
 def _sample(args) -> None:
