@@ -72,11 +72,14 @@ BEFORE = ["train.init=pytorch", "train.ema=0", "train.schedule=constant", "train
           "train.batch_size=8", "train.pixel_weight=1.0", "train.perceptual=alex", "train.round_size=32",
           "train.steps_per_round=60", "search.samples_per_level=[20,20,10,5]", "search.reject_below=[]",
           "train.precision=float32"]
+# `small` for super-resolution and colourization before they took up EMA 0.995 and lr 0.004 and super-resolution
+# model.predict_residual (the rows named "small, ..." below ran so).
+PLAIN = ["model.predict_residual=false", "train.ema=0", "train.lr=0.002"]
 PHOTOS = "data.path=photoset:train"  # train on the open photo set's training split instead of the nine built in
 REFERENCE = "small (before)"  # the configuration whose measured round time anchors every budget
 # What a group of runs is compared with, in order of preference: the ladder's reference, else the preset as it stands
 # (a task's runs at the demo's budget may start from the preset rather than the ladder).
-REFERENCES = (REFERENCE, "small", "small, float32 step")
+REFERENCES = (REFERENCE, "small", "small, bf16 step", "small, float32 step")
 CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "small (before)": BEFORE,
     "+ EMA 0.995": [*BEFORE, "train.ema=0.995"],
@@ -135,16 +138,23 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
         *BEFORE, "train.ema=0.995", "train.lr=0.004", "train.final_perceptual=vgg", "train.final_rounds=2",
         "search.samples_per_level=[40,40,20,10]"],
     "small": [],
-    # The preset before it took up train.precision=auto (its earlier "small" rows ran so), and with it.
-    "small, float32 step": ["train.precision=float32"],
-    "small, bf16 step": ["train.precision=auto"],
+    # The preset before it took up train.precision=auto (its earlier "small" rows ran so), and with it; both, like
+    # the rows below them, as it was before super-resolution and colourization took up decompression's weight
+    # average and rate and super-resolution the residual levels (PLAIN).
+    "small, float32 step": [*PLAIN, "train.precision=float32"],
+    "small, bf16 step": [*PLAIN, "train.precision=auto"],
     # The built-in models' second stage within the preset's run: LPIPS-VGG for its last 2 rounds.
-    "small, VGG last 2": ["train.final_perceptual=vgg", "train.final_rounds=2"],
+    "small, VGG last 2": [*PLAIN, "train.final_perceptual=vgg", "train.final_rounds=2"],
     # Decompression's recipe in `small` (tasks.decompression.train) for the other tasks.
-    "small, EMA 0.995 + lr 0.004": ["train.ema=0.995", "train.lr=0.004"],
+    "small, EMA 0.995 + lr 0.004": ["model.predict_residual=false", "train.ema=0.995", "train.lr=0.004"],
     # Each level corrects its input brought to size (bicubic x2 for super-resolution) instead of drawing the image
-    "small, residual": ["model.predict_residual=true"],
+    "small, residual": ["model.predict_residual=true", "train.ema=0", "train.lr=0.002"],
     "small, residual + EMA 0.995 + lr 0.004": ["model.predict_residual=true", "train.ema=0.995", "train.lr=0.004"],
+    "small, residual + EMA 0.995 + lr 0.004 + L1 0.3": ["model.predict_residual=true", "train.ema=0.995",
+                                                        "train.lr=0.004", "train.pixel_weight=0.3"],
+    "small, residual + EMA 0.995 + lr 0.004, VGG last 2": ["model.predict_residual=true", "train.ema=0.995",
+                                                           "train.lr=0.004", "train.final_perceptual=vgg",
+                                                           "train.final_rounds=2"],
 }
 MIN_PHOTOS = manifold.DENSITY_COVERAGE_K + 1  # coverage's k nearest neighbours need k + 1 real images per set
 TARGETS = {"super-resolution": 0.90, "colourization": 0.90, "decompression": 0.85}  # best-of-8 / baseline (issue)

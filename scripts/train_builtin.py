@@ -74,10 +74,13 @@ from chimle.sample import Model, image_grid  # noqa: E402
 # "Quality at a fixed CPU budget"). A longer run is `-o train.rounds=N`, which also extends a finished run.
 # The installed models were trained in float32, before `small` took up train.precision=auto: the recipes pin it.
 FLOAT32 = ["train.precision=float32"]
+# The installed super-resolution model draws the image at every level, before `small` took up residual levels.
+DRAWN = ["model.predict_residual=false"]
 RECIPES: dict[str, dict] = {
+    # The rate the installed model was trained at, before `small` took up 0.004 for super-resolution.
     "super-resolution": {"preset": "small", "overrides": [
-        *FLOAT32, "data.path=PHOTOS", "train.ema=0.999", "train.rounds=124", "train.schedule=stable-decay",
-        "train.decay_rounds=24"]},
+        *FLOAT32, *DRAWN, "data.path=PHOTOS", "train.ema=0.999", "train.lr=0.002", "train.rounds=124",
+        "train.schedule=stable-decay", "train.decay_rounds=24"]},
     # The rate the installed model was trained at, before `small` took up 0.004 for colourization.
     "colourization": {"preset": "small", "overrides": [*FLOAT32, "data.path=PHOTOS", "train.ema=0.999",
                                                     "train.lr=0.002", "train.rounds=64"]},
@@ -97,7 +100,8 @@ RECIPES: dict[str, dict] = {
 # over sampling seeds 0-2); twice the candidates per level on top of it gave 0.799 (mean), no gain.
 FINETUNES: dict[str, dict] = {
     "super-resolution": {"preset": "small", "overrides": [
-        *FLOAT32, "data.path=PHOTOS", "train.ema=0.999", "train.perceptual=vgg", "train.lr=0.001", "train.rounds=12",
+        *FLOAT32, *DRAWN, "data.path=PHOTOS", "train.ema=0.999", "train.perceptual=vgg", "train.lr=0.001",
+        "train.rounds=12",
         "train.schedule=stable-decay", "train.decay_rounds=8", "train.pixel_weight=0.3"]},
     "decompression": {"preset": "small", "overrides": [
         *FLOAT32, "data.path=PHOTOS", "train.ema=0.999", "train.perceptual=vgg", "train.lr=0.001", "train.rounds=12",
