@@ -365,11 +365,12 @@ def validate(config: Config) -> None:
     for name in ("blocks", "code_dim", "style_dim", "mapping_layers", "in_channels", "out_channels"):
         if getattr(m, name) < 1:
             problems.append(f"model.{name}={getattr(m, name)} must be >= 1")
-    if m.predict_residual and (m.wiring == "colourization" or m.in_channels != m.out_channels
-                               or config.task == "layout"):
+    from chimle import tasks
+
+    if m.predict_residual and (not tasks.get(config.task).corrects_input or m.in_channels != m.out_channels):
         problems.append(f"model.predict_residual=true adds each level's output to its image input, which needs "
                         f"outputs like the inputs (in_channels={m.in_channels}, out_channels={m.out_channels}, "
-                        f"task {config.task!r}): use it for super-resolution, decompression or paired tasks")
+                        f"task {config.task!r}): use it where a task's outputs are images like its inputs")
     if m.noise_channels < 0:
         problems.append(f"model.noise_channels={m.noise_channels} must be >= 0")
     if len(s.samples_per_level) != m.levels or any(v < 1 for v in s.samples_per_level):

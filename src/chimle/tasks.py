@@ -195,6 +195,7 @@ class Task:
     colour_targets: bool = False  # training targets must be colour images (greyscale files are refused)
     describe: str = ""  # what a model of the task does, one line for model listings and cards ({scale}: factor)
     demo_input: Callable | None = None  # (photo (3, H, W), seed) -> the input the demo pairs with it; None: derived
+    corrects_input: bool = True  # outputs are images like the inputs, so model.predict_residual can add them
 
     @property
     def upscales(self) -> bool:
@@ -319,6 +320,7 @@ TASKS: dict[str, Task] = {  # in the order of listings (`chimle models`)
     ),
     "colourization": Task(
         name="colourization",
+        corrects_input=False,
         wiring="colourization",
         in_channels=1,
         out_channels=2,
@@ -357,6 +359,7 @@ TASKS: dict[str, Task] = {  # in the order of listings (`chimle models`)
     ),
     "layout": Task(
         name="layout",
+        corrects_input=False,
         wiring="generic",
         in_channels=20,  # the palette's classes + void; Cityscapes by default
         out_channels=3,
