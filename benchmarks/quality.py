@@ -150,6 +150,7 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     # Each level corrects its input brought to size (bicubic x2 for super-resolution) instead of drawing the image
     "small, residual": ["model.predict_residual=true", "train.ema=0", "train.lr=0.002"],
     "small, residual + EMA 0.995 + lr 0.004": ["model.predict_residual=true", "train.ema=0.995", "train.lr=0.004"],
+    "small + residual levels": ["model.predict_residual=true"],  # the preset as it stands, with them
     "small, residual + EMA 0.995 + lr 0.004 + L1 0.3": ["model.predict_residual=true", "train.ema=0.995",
                                                         "train.lr=0.004", "train.pixel_weight=0.3"],
     "small, residual + EMA 0.995 + lr 0.004, VGG last 2": ["model.predict_residual=true", "train.ema=0.995",
