@@ -272,13 +272,13 @@ def _train(args) -> None:
         settings = user_settings(args.config, overrides, task=args.task, preset=args.preset)
         train(None, args.out, resume=True, device=args.device, settings=settings, init=args.init)
         return
-    config = resolve(task=args.task, preset=args.preset or "small", file=args.config, overrides=overrides)
+    preset = args.preset or "small"
+    config = resolve(task=args.task, preset=preset, file=args.config, overrides=overrides)
     if starting is not None and starting.task == config.task:
-        taken = _model_settings_of(starting, config, resolve(task=args.task, preset=args.preset or "small"))
+        taken = _model_settings_of(starting, config, resolve(task=args.task, preset=preset))
         if taken:
             print(f"taking the model settings of {args.init} that differ from the preset's: {' '.join(taken)}")
-            config = resolve(task=args.task, preset=args.preset or "small", file=args.config,
-                             overrides=[*overrides, *taken])
+            config = resolve(task=args.task, preset=preset, file=args.config, overrides=[*overrides, *taken])
     train(config, args.out, device=args.device, init=args.init)
 
 
