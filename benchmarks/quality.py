@@ -71,7 +71,7 @@ WORK = Path(__file__).resolve().parents[1] / "runs" / "quality"
 BEFORE = ["train.init=pytorch", "train.ema=0", "train.schedule=constant", "train.warmup=0", "train.lr=0.002",
           "train.batch_size=8", "train.pixel_weight=1.0", "train.perceptual=alex", "train.round_size=32",
           "train.steps_per_round=60", "search.samples_per_level=[20,20,10,5]", "search.reject_below=[]",
-          "train.precision=float32"]
+          "train.precision=float32", "model.predict_residual=false", "train.final_perceptual=", "train.final_rounds=0"]
 # `small` for super-resolution and colourization before they took up EMA 0.995 and lr 0.004 and super-resolution
 # model.predict_residual (the rows named "small, ..." below ran so).
 PLAIN = ["model.predict_residual=false", "train.ema=0", "train.lr=0.002"]
@@ -79,7 +79,7 @@ PHOTOS = "data.path=photoset:train"  # train on the open photo set's training sp
 REFERENCE = "small (before)"  # the configuration whose measured round time anchors every budget
 # What a group of runs is compared with, in order of preference: the ladder's reference, else the preset as it stands
 # (a task's runs at the demo's budget may start from the preset rather than the ladder).
-REFERENCES = (REFERENCE, "small", "small, bf16 step", "small, float32 step")
+REFERENCES = (REFERENCE, "small", "small, AlexNet throughout", "small, bf16 step", "small, float32 step")
 CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "small (before)": BEFORE,
     "+ EMA 0.995": [*BEFORE, "train.ema=0.995"],
@@ -150,12 +150,24 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     # Each level corrects its input brought to size (bicubic x2 for super-resolution) instead of drawing the image
     "small, residual": ["model.predict_residual=true", "train.ema=0", "train.lr=0.002"],
     "small, residual + EMA 0.995 + lr 0.004": ["model.predict_residual=true", "train.ema=0.995", "train.lr=0.004"],
-    "small + residual levels": ["model.predict_residual=true"],  # the preset as it stands, with them
+    # The preset with them, as it stood before decompression took up LPIPS-VGG for its last 2 rounds
+    "small + residual levels": ["model.predict_residual=true", "train.final_perceptual=", "train.final_rounds=0"],
     "small, residual + EMA 0.995 + lr 0.004 + L1 0.3": ["model.predict_residual=true", "train.ema=0.995",
                                                         "train.lr=0.004", "train.pixel_weight=0.3"],
     "small, residual + EMA 0.995 + lr 0.004, VGG last 2": ["model.predict_residual=true", "train.ema=0.995",
                                                            "train.lr=0.004", "train.final_perceptual=vgg",
                                                            "train.final_rounds=2"],
+    # Changes to the preset as it stands (residual super-resolution levels):
+    "small, RGB order kept": ["data.shuffle_channels=false"],  # residual levels take colour from the input anyway
+    "small, wider fine levels": ["model.channels=[32,32,16,16]"],
+    "small, rate decay over the last 5": ["train.schedule=stable-decay", "train.decay_rounds=5"],
+    "small, pools x2": ["search.samples_per_level=[40,40,20,10]"],
+    "small + VGG last 2": ["train.final_perceptual=vgg", "train.final_rounds=2"],
+    "small, AlexNet throughout": ["train.final_perceptual=", "train.final_rounds=0"],  # decompression's before it
+    # 60 steps of 8 over a round's 32 examples visit each 15 times: its loss falls within the round far below what
+    # the next round's fresh examples start at. More examples per round, the same steps:
+    "small, 128 examples per round": ["train.round_size=128"],
+    "small, 128 examples per round, pools /2": ["train.round_size=128", "search.samples_per_level=[10,10,5,3]"],
 }
 MIN_PHOTOS = manifold.DENSITY_COVERAGE_K + 1  # coverage's k nearest neighbours need k + 1 real images per set
 TARGETS = {"super-resolution": 0.90, "colourization": 0.90, "decompression": 0.85}  # best-of-8 / baseline (issue)

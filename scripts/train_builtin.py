@@ -76,6 +76,9 @@ from chimle.sample import Model, image_grid  # noqa: E402
 FLOAT32 = ["train.precision=float32"]
 # The installed super-resolution model draws the image at every level, before `small` took up residual levels.
 DRAWN = ["model.predict_residual=false"]
+# The installed decompression model was trained with one distance throughout, before `small` took up LPIPS-VGG for
+# its last 2 rounds (train.final_perceptual).
+ONE_DISTANCE = ["train.final_perceptual=", "train.final_rounds=0"]
 RECIPES: dict[str, dict] = {
     # The rate the installed model was trained at, before `small` took up 0.004 for super-resolution.
     "super-resolution": {"preset": "small", "overrides": [
@@ -85,7 +88,7 @@ RECIPES: dict[str, dict] = {
     "colourization": {"preset": "small", "overrides": [*FLOAT32, "data.path=PHOTOS", "train.ema=0.999",
                                                     "train.lr=0.002", "train.rounds=64"]},
     "decompression": {"preset": "small", "overrides": [
-        *FLOAT32, "data.path=PHOTOS", "train.ema=0.999", "train.rounds=72", "train.schedule=stable-decay",
+        *FLOAT32, *ONE_DISTANCE, "data.path=PHOTOS", "train.ema=0.999", "train.rounds=72", "train.schedule=stable-decay",
         "train.decay_rounds=16"]},
     "paired": {"preset": "small", "overrides": [*FLOAT32, "data.path=NIGHT_PAIRS", "train.rounds=12"]},
     "layout": {"preset": "small", "overrides": [*FLOAT32, "train.rounds=12"]},  # the built-in photos and label maps
@@ -104,7 +107,7 @@ FINETUNES: dict[str, dict] = {
         "train.rounds=12",
         "train.schedule=stable-decay", "train.decay_rounds=8", "train.pixel_weight=0.3"]},
     "decompression": {"preset": "small", "overrides": [
-        *FLOAT32, "data.path=PHOTOS", "train.ema=0.999", "train.perceptual=vgg", "train.lr=0.001", "train.rounds=12",
+        *FLOAT32, *ONE_DISTANCE, "data.path=PHOTOS", "train.ema=0.999", "train.perceptual=vgg", "train.lr=0.001", "train.rounds=12",
         "train.schedule=stable-decay", "train.decay_rounds=8"]},
 }
 # --------------------------------------------------------------------------------------------------------------
