@@ -163,6 +163,8 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "small, rate decay over the last 5": ["train.schedule=stable-decay", "train.decay_rounds=5"],
     "small, pools x2": ["search.samples_per_level=[40,40,20,10]"],
     "small + VGG last 2": ["train.final_perceptual=vgg", "train.final_rounds=2"],
+    "small, 126 photos": [PHOTOS],
+    "small, 1.5x wider": ["model.channels=[48,48,24,12]", "model.growth=[24,24,12,12]"],
     "small, AlexNet throughout": ["train.final_perceptual=", "train.final_rounds=0"],  # decompression's before it
     # 60 steps of 8 over a round's 32 examples visit each 15 times: its loss falls within the round far below what
     # the next round's fresh examples start at. More examples per round, the same steps:
