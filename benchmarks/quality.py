@@ -66,12 +66,14 @@ KID_SAMPLES = 2  # samples per input whose Inception features enter KID
 SNAPSHOTS = 4  # learning-curve points per run (evenly spaced rounds, the last one included)
 WORK = Path(__file__).resolve().parents[1] / "runs" / "quality"
 
+# LPIPS-AlexNet for search and loss throughout: `small` before decompression took up LPIPS-VGG for its last rounds.
+ONE_DISTANCE = ["train.final_perceptual=", "train.final_rounds=0"]
 # The recipe of `small` before this benchmark existed, pinned, so that "small (before)" stays what it was when the
 # preset changes.
 BEFORE = ["train.init=pytorch", "train.ema=0", "train.schedule=constant", "train.warmup=0", "train.lr=0.002",
           "train.batch_size=8", "train.pixel_weight=1.0", "train.perceptual=alex", "train.round_size=32",
           "train.steps_per_round=60", "search.samples_per_level=[20,20,10,5]", "search.reject_below=[]",
-          "train.precision=float32", "model.predict_residual=false", "train.final_perceptual=", "train.final_rounds=0"]
+          "train.precision=float32", "model.predict_residual=false", *ONE_DISTANCE]
 # `small` for super-resolution and colourization before they took up EMA 0.995 and lr 0.004 and super-resolution
 # model.predict_residual (the rows named "small, ..." below ran so).
 PLAIN = ["model.predict_residual=false", "train.ema=0", "train.lr=0.002"]
@@ -151,7 +153,7 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "small, residual": ["model.predict_residual=true", "train.ema=0", "train.lr=0.002"],
     "small, residual + EMA 0.995 + lr 0.004": ["model.predict_residual=true", "train.ema=0.995", "train.lr=0.004"],
     # The preset with them, as it stood before decompression took up LPIPS-VGG for its last 2 rounds
-    "small + residual levels": ["model.predict_residual=true", "train.final_perceptual=", "train.final_rounds=0"],
+    "small + residual levels": ["model.predict_residual=true", *ONE_DISTANCE],
     "small, residual + EMA 0.995 + lr 0.004 + L1 0.3": ["model.predict_residual=true", "train.ema=0.995",
                                                         "train.lr=0.004", "train.pixel_weight=0.3"],
     "small, residual + EMA 0.995 + lr 0.004, VGG last 2": ["model.predict_residual=true", "train.ema=0.995",
@@ -165,7 +167,7 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     "small + VGG last 2": ["train.final_perceptual=vgg", "train.final_rounds=2"],
     "small, 126 photos": [PHOTOS],
     "small, 1.5x wider": ["model.channels=[48,48,24,12]", "model.growth=[24,24,12,12]"],
-    "small, AlexNet throughout": ["train.final_perceptual=", "train.final_rounds=0"],  # decompression's before it
+    "small, AlexNet throughout": [*ONE_DISTANCE],  # decompression's `small` before it took up "small + VGG last 2"
     # 60 steps of 8 over a round's 32 examples visit each 15 times: its loss falls within the round far below what
     # the next round's fresh examples start at. More examples per round, the same steps:
     "small, 128 examples per round": ["train.round_size=128"],

@@ -88,8 +88,8 @@ RECIPES: dict[str, dict] = {
     "colourization": {"preset": "small", "overrides": [*FLOAT32, "data.path=PHOTOS", "train.ema=0.999",
                                                     "train.lr=0.002", "train.rounds=64"]},
     "decompression": {"preset": "small", "overrides": [
-        *FLOAT32, *ONE_DISTANCE, "data.path=PHOTOS", "train.ema=0.999", "train.rounds=72", "train.schedule=stable-decay",
-        "train.decay_rounds=16"]},
+        *FLOAT32, *ONE_DISTANCE, "data.path=PHOTOS", "train.ema=0.999", "train.rounds=72",
+        "train.schedule=stable-decay", "train.decay_rounds=16"]},
     "paired": {"preset": "small", "overrides": [*FLOAT32, "data.path=NIGHT_PAIRS", "train.rounds=12"]},
     "layout": {"preset": "small", "overrides": [*FLOAT32, "train.rounds=12"]},  # the built-in photos and label maps
 }
@@ -107,8 +107,8 @@ FINETUNES: dict[str, dict] = {
         "train.rounds=12",
         "train.schedule=stable-decay", "train.decay_rounds=8", "train.pixel_weight=0.3"]},
     "decompression": {"preset": "small", "overrides": [
-        *FLOAT32, *ONE_DISTANCE, "data.path=PHOTOS", "train.ema=0.999", "train.perceptual=vgg", "train.lr=0.001", "train.rounds=12",
-        "train.schedule=stable-decay", "train.decay_rounds=8"]},
+        *FLOAT32, *ONE_DISTANCE, "data.path=PHOTOS", "train.ema=0.999", "train.perceptual=vgg", "train.lr=0.001",
+        "train.rounds=12", "train.schedule=stable-decay", "train.decay_rounds=8"]},
 }
 # --------------------------------------------------------------------------------------------------------------
 

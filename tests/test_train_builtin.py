@@ -59,8 +59,8 @@ def test_a_quick_run_writes_the_model_its_record_and_card(tmp_path):
     assert "Fine-tuned from" in (tuned_out / "super-resolution.md").read_text()
 
 
-SETTINGS = ["model", "data.crop", "search.samples_per_level", "search.reject_below", "train.perceptual", "train.final_perceptual",
-            "train.final_rounds", "train.lr", "train.ema", "train.pixel_weight", "train.batch_size",
+SETTINGS = ["model", "data.crop", "search.samples_per_level", "search.reject_below", "train.perceptual",
+            "train.final_perceptual", "train.final_rounds", "train.lr", "train.ema", "train.pixel_weight", "train.batch_size",
             "train.steps_per_round", "train.round_size", "train.schedule", "train.precision"]
 
 
