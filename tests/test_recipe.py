@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from chimle.adaptive import AdaptiveState, data_point
 from chimle.blocks import WNConv2d
 from chimle.checkpoint import load_state
-from chimle.config import ConfigError
+from chimle.config import ConfigError, resolve
 from chimle.ema import WeightAverage
 from chimle.generator import Generator, initialise
 from chimle.perceptual import LPIPS, Distance
@@ -160,6 +160,13 @@ def test_recipe_settings_are_validated():
         with pytest.raises(ConfigError, match="train.final_perceptual changes the search distance's units"):
             tiny_config("super-resolution", "train.examples=8", override, "train.final_perceptual=vgg",
                         "train.final_rounds=1")
+    # `small` switches for decompression: the refusal names the overrides that turn the switch off, and they do.
+    rs_imle = ["search.reject_below=0.1"]
+    with pytest.raises(ConfigError, match="add -o train.final_perceptual= -o train.final_rounds=0"):
+        resolve(task="decompression", preset="small", overrides=rs_imle)
+    config = resolve(task="decompression", preset="small",
+                     overrides=[*rs_imle, "train.final_perceptual=", "train.final_rounds=0"])
+    assert config.search.reject_below and not config.train.final_perceptual
 
 
 def test_a_fixed_set_of_examples_is_visited_once_per_pass_in_a_new_order():

@@ -422,8 +422,9 @@ def validate(config: Config) -> None:
                         f"without it (train.final_perceptual={t.final_perceptual!r})")
     if t.final_perceptual and (any(s.reject_below) or s.adaptive):
         problems.append("train.final_perceptual changes the search distance's units, which search.reject_below and "
-                        "search.adaptive's thresholds are in: use one LPIPS network for the run (drop "
-                        "train.final_perceptual) or neither option")
+                        "search.adaptive's thresholds are in: use one LPIPS network for the run (add -o "
+                        "train.final_perceptual= -o train.final_rounds=0; the small preset switches for "
+                        "decompression) or neither option")
     for name in ("crop", "crop_width"):
         value = getattr(d, name)
         if m.levels <= MAX_LEVELS and (name == "crop" or value) and (value < 2**m.levels or value % 2**m.levels):
