@@ -63,7 +63,7 @@ from chimle.search import codes_from  # noqa: E402
 TILE = 128  # held-out tile side, px (the demo's)
 SAMPLES = 8  # samples per held-out input
 KID_SAMPLES = 2  # samples per input whose Inception features enter KID
-SNAPSHOTS = 4  # learning-curve points per run (evenly spaced rounds, the last one included)
+SNAPSHOTS = 4  # learning-curve points per run by default (evenly spaced rounds, the last one included)
 WORK = Path(__file__).resolve().parents[1] / "runs" / "quality"
 
 # LPIPS-AlexNet for search and loss throughout: `small` before decompression took up LPIPS-VGG for its last rounds.
@@ -348,12 +348,18 @@ def rounds_within(budget_rounds: float, cost: dict, final_rounds: int, name: str
     return before + final_rounds
 
 
-def train_and_score(task: str, name: str, seed: int, budget: float, rounds: int, out: Path, photos: int | None
-                    ) -> dict:
-    """Train one configuration for `rounds` rounds, keeping SNAPSHOTS model snapshots, then score them."""
+def snapshot_steps(rounds: int, steps_per_round: int, points: int) -> list[int]:
+    """The steps after which a run of `rounds` rounds keeps a snapshot: the ends of `points` evenly spaced rounds,
+    the last round included (fewer where the run has fewer rounds)."""
+    return sorted({math.ceil(rounds * (k + 1) / points) * steps_per_round for k in range(points)})
+
+
+def train_and_score(task: str, name: str, seed: int, budget: float, rounds: int, out: Path, photos: int | None,
+                    points: int = SNAPSHOTS) -> dict:
+    """Train one configuration for `rounds` rounds, keeping `points` model snapshots, then score them."""
     steps_per_round = job_config(task, name).train.steps_per_round
     config = job_config(task, name, [f"train.seed={seed}", f"train.rounds={rounds}", "train.passes=1"])
-    marks = sorted({math.ceil(rounds * (k + 1) / SNAPSHOTS) * steps_per_round for k in range(SNAPSHOTS)})
+    marks = snapshot_steps(rounds, steps_per_round, points)
     shutil.rmtree(out, ignore_errors=True)  # a run killed half-way starts again: its CPU time must be whole
     snapshots = []
     started = time.process_time()
@@ -393,7 +399,7 @@ def job_main(spec_file: Path) -> None:
         result = calibrate(spec["task"], spec["config"])
     else:
         result = train_and_score(spec["task"], spec["config"], spec["seed"], spec["budget"], spec["rounds"],
-                                 Path(spec["out"]), spec["photos"])
+                                 Path(spec["out"]), spec["photos"], spec.get("snapshots", SNAPSHOTS))
     tmp = Path(spec["result"]).with_suffix(".tmp")
     tmp.write_text(json.dumps({**result, "spec": spec}, indent=1) + "\n")
     os.replace(tmp, spec["result"])
@@ -460,7 +466,7 @@ def slug(name: str) -> str:
 
 
 def run(task: str, budget: float, names: list[str], seeds: list[int], jobs: int, work: Path,
-        photos: int | None) -> list[dict]:
+        photos: int | None, snapshots: int = SNAPSHOTS) -> list[dict]:
     """Calibrate, then train and score every (configuration, seed); returns the results."""
     # Absolute, so that a job's spec (which names its folders) is the same whether --work was given as a relative
     # or an absolute path: a finished run is recognised, not trained again.
@@ -478,8 +484,11 @@ def run(task: str, budget: float, names: list[str], seeds: list[int], jobs: int,
             cost = json.loads(Path(calibration(n)["result"]).read_text())
             rounds = rounds_within(budget * 60 / anchor, cost, job_config(task, n).train.final_rounds, n)
             folder = base / slug(n) / f"budget-{budget:g}" / f"seed-{seed}"
-            runs.append({"kind": "train", "task": task, "config": n, "seed": seed, "budget": budget, "rounds": rounds,
-                         "photos": photos, "out": str(folder), "result": str(folder.with_suffix(".json"))})
+            spec = {"kind": "train", "task": task, "config": n, "seed": seed, "budget": budget, "rounds": rounds,
+                    "photos": photos, "out": str(folder), "result": str(folder.with_suffix(".json"))}
+            if snapshots != SNAPSHOTS:  # only then, so that runs finished before the option existed still count
+                spec["snapshots"] = snapshots
+            runs.append(spec)
     run_jobs(runs, jobs)
     return [json.loads(Path(s["result"]).read_text()) for s in runs if Path(s["result"]).exists()]
 
@@ -620,6 +629,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", nargs="+", default=None, help=f"configurations to run (default all): {list(CONFIGS)}")
     parser.add_argument("--jobs", type=int, default=2, help="one-thread processes at a time (default 2)")
     parser.add_argument("--photos", type=int, default=30, help="held-out photos of the open photo set to score on")
+    parser.add_argument("--snapshots", type=int, default=SNAPSHOTS, help="learning-curve points per run, evenly "
+                        f"spaced rounds, the last one included (default {SNAPSHOTS}); a change trains the run again")
     parser.add_argument("--keep", type=Path, metavar="JSON", help="keep the results of an earlier report (e.g. "
                         "benchmarks/results/quality.json) beside this run's (or --rewrite's), which replace any of "
                         "the same task, budget, configuration and seed")
@@ -642,6 +653,8 @@ def main(argv: list[str] | None = None) -> None:
                 job_config(args.task, name)
             except ConfigError as error:
                 parser.error(f"configuration {name!r} does not apply to {args.task}: {error}")
+        if args.snapshots < 1:
+            parser.error(f"--snapshots {args.snapshots}: give 1 or more (the last round is always one)")
         if 0 < photos < MIN_PHOTOS:
             parser.error(f"--photos {photos}: give 0 (the built-in tiles only) or at least {MIN_PHOTOS} (coverage "
                          f"looks at {MIN_PHOTOS - 1} nearest neighbours among the real images)")
@@ -649,7 +662,7 @@ def main(argv: list[str] | None = None) -> None:
             budget, seeds, photos, names = QUICK["budget"], QUICK["seeds"], QUICK["photos"], QUICK["configs"]
             work = work / "quick"
         load_before, clock = common.load_average(), common.Stopwatch()
-        results = run(args.task, budget, names, seeds, args.jobs, work, photos)
+        results = run(args.task, budget, names, seeds, args.jobs, work, photos, args.snapshots)
         record = common.run_record(clock, load_before)
     if args.keep:
         results, earlier = keep(common.read_run(args.keep), results)

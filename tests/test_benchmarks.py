@@ -251,6 +251,17 @@ def test_quality_reports_the_runs_it_was_asked_for_not_every_result_in_its_work_
     assert reported["results"] == asked
 
 
+def test_quality_learning_curve_points_are_evenly_spaced_rounds_ending_with_the_last(capsys):
+    import quality
+
+    assert quality.snapshot_steps(14, 60, 4) == [240, 420, 660, 840]
+    assert quality.snapshot_steps(42, 60, 8) == [60 * r for r in (6, 11, 16, 21, 27, 32, 37, 42)]
+    assert quality.snapshot_steps(3, 60, 8) == [60, 120, 180]  # no more points than rounds
+    with pytest.raises(SystemExit):
+        quality.main(["--snapshots", "0", "--configs", "small"])
+    assert "--snapshots 0: give 1 or more" in capsys.readouterr().err
+
+
 def test_quality_budget_pays_a_switching_configurations_last_rounds_at_their_own_cost():
     """A configuration whose last rounds use a dearer distance (train.final_rounds) gets fewer rounds than the
     budget holds at the reference's cost: those rounds at their calibrated cost, the rest at the others'."""
