@@ -50,6 +50,10 @@ def test_demo_shows_the_builtin_model_then_the_trained_one(quick, tmp_path, monk
     rows = [line.split()[0] for line in table.splitlines()[1:4]]
     assert rows == ["built-in", "trained", "bicubic"]
     assert f"{shipped['ours_best_lpips']:.4f}" in table and f"{ours['ours_best_lpips']:.4f}" in table
+    # How long each part took, in the report and on the screen.
+    assert list(saved["seconds"]) == ["weights", "builtin", "train", "evaluate"]
+    assert all(s >= 0 for s in saved["seconds"].values()) and saved["seconds"]["train"] > 0
+    assert "took " in out and ": weights " in out and ", training " in out
 
 
 def test_demo_without_a_builtin_model_says_so_and_carries_on(quick, tmp_path, monkeypatch, capsys):

@@ -17,7 +17,9 @@ where the baseline is the input brought to the output's size (bicubic upsampling
 night photo; none for layouts). `demo.json` holds, for the trained model (`mean`, `per_input`) and the built-in
 one (`builtin`, the same keys; null if there is none), the best-of-8 and mean LPIPS-VGG (lower is better) and
 PSNR against the ground truth, the baseline's, and the mean LPIPS between pairs of samples (how different they
-are); `ours_*` are the numbers of the model that block describes. Running it again reuses the trained model.
+are); `ours_*` are the numbers of the model that block describes; `seconds`, the wall time of each part
+(weights, built-in model, training, the trained model's samples and scores). Running it again reuses the trained
+model.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -114,14 +117,17 @@ def evaluate(model: Model, grids: Path, size: int) -> dict:
 
 def run_demo(out: str | Path | None = None, task: str = DEFAULT_TASK, preset: str = "small",
              overrides: list[str] | None = None) -> dict:
+    laps = Laps()
     # Fetch weights (once).
     weights.fetch(log=lambda line: None)
+    laps("weights")
     entry = tasks.get(task)
     out = Path(out or ("runs/demo" if task == DEFAULT_TASK else f"runs/demo-{task}"))
     check_folder(out)
 
     # The built-in model first: its grids and numbers within a minute.
     shipped = demo_builtin(task, out)
+    laps("builtin")
 
     # Train, or reuse the finished run.
     overrides = list(overrides or [])
@@ -132,10 +138,13 @@ def run_demo(out: str | Path | None = None, task: str = DEFAULT_TASK, preset: st
     resume = files.config_file.is_file()
     print(f"{'resuming' if resume else 'training'} a '{preset}' {task} model on the built-in data -> {out}")
     model_file = train(config, out, resume=resume, device="cpu")
+    laps("train")
 
     # Evaluate on the held-out photos.
     model = Model.load(model_file, device="cpu")
     report = {**evaluate(model, out / "heldout", size=TILE), "builtin": shipped}
+    laps("evaluate")
+    report["seconds"] = laps.seconds
     atomic_write(out / "demo.json", (json.dumps(report, indent=2) + "\n").encode())
     print(f"\n{report['protocol']}\n")
     rows = [(f"built-in ({shipped['model']})", shipped["mean"])] if shipped else []
@@ -143,6 +152,7 @@ def run_demo(out: str | Path | None = None, task: str = DEFAULT_TASK, preset: st
     print("\n".join(table(rows, entry.baseline)))
     print(f"\ngrids: {out / 'heldout'}" + (f" and {out / 'heldout-builtin'}" if shipped else "")
           + f"   report: {out / 'demo.json'}")
+    print(laps.line())
     m = report["mean"]
     files.log(f"demo: best-of-8 LPIPS {m['ours_best_lpips']:.4f}"
               + (f" vs baseline {m['baseline_lpips']:.4f}" if "baseline_lpips" in m else "")
@@ -150,6 +160,32 @@ def run_demo(out: str | Path | None = None, task: str = DEFAULT_TASK, preset: st
     if not math.isfinite(m["ours_best_lpips"]):
         raise FloatingPointError("the demo model produced non-finite outputs")
     return report
+
+
+class Laps:
+    """Wall seconds of each part of the demo, in order (what a user waits for, installs aside)."""
+
+    NAMES = {"weights": "weights", "builtin": "built-in model", "train": "training",
+             "evaluate": "samples and scores"}
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.last, 1)
+        self.last = now
+
+    def line(self) -> str:
+        parts = ", ".join(f"{self.NAMES[k]} {duration(v)}" for k, v in self.seconds.items())
+        return f"took {duration(sum(self.seconds.values()))}: {parts}"
+
+
+def duration(seconds: float) -> str:
+    """"7 min 03 s", "41 s"."""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
 
 
 def demo_builtin(task: str, out: Path) -> dict | None:
