@@ -3,6 +3,7 @@
     python benchmarks/quality.py --quick                                   # smoke run: minutes
     python benchmarks/quality.py --task super-resolution --budget 4        # the ladder at a short budget, 3 seeds
     python benchmarks/quality.py --task colourization --budget 14 --configs small "+ 126 photos"  # the demo's budget
+    python benchmarks/quality.py --budget 32 --configs small --snapshots 8 # a longer learning curve, 8 points
     python benchmarks/quality.py --rewrite benchmarks/results/quality.json # only redraw the report
 
 Every configuration is a named list of overrides of the `small` preset (CONFIGS). It trains for a fixed amount
