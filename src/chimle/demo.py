@@ -183,7 +183,7 @@ class Laps:
 
 
 def duration(seconds: float) -> str:
-    """"7 min 03 s", "41 s"."""
+    """A duration as the demo prints it: "7 min 03 s", "41 s"."""
     minutes, rest = divmod(round(seconds), 60)
     return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
 
