@@ -30,7 +30,8 @@ grey image, the JPEG; ratio of the means over tiles, lower is better), LPIPS div
 samples of one input), consistency with the input (chimle.tasks.Task.consistency), and KID, precision and recall
 (k = 3) and coverage (k = 5) on Inception pool3 features (chimle.metrics; two samples per input against the
 targets: with some 60 real images these say more about one configuration against another than in absolute terms). Snapshots of the model along the way give the learning curve (best-of-8
-ratio on the builtin tiles against training CPU-minutes). Writes benchmarks/results/quality.{md,json,png}.
+ratio on the builtin tiles against training CPU-minutes; `--snapshots` points per run), drawn in the chart and
+listed in the report. Writes benchmarks/results/quality.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -515,9 +516,23 @@ def summarise(results: list[dict]) -> dict:
             table[key][name] = {"sets": sets, "seeds": sorted(r["seed"] for r in rs), "rounds": rs[0]["rounds"],
                                 "cpu_models": sorted({r["cpu_model"] for r in rs if r.get("cpu_model")}),
                                 "train_cpu_minutes": common.spread([r["train_cpu_seconds"] / 60 for r in rs]),
-                                "overrides": rs[0]["overrides"],
+                                "overrides": rs[0]["overrides"], "curve": curve_means(rs),
                                 "baseline_lpips": {s: rs[0]["final"][s]["baseline"] for s in rs[0]["final"]}}
     return table
+
+
+def curve_means(rs: list[dict]) -> list[dict]:
+    """One configuration's learning curve, means over its seeds at each snapshot they all have: the round, the
+    training CPU-minutes and the best-of-8 ratio on the builtin tiles (no points where a run kept no curve)."""
+    points = min(len(r.get("curve") or []) for r in rs)
+    curve = []
+    for i in range(points):
+        snaps = [r["curve"][i] for r in rs]
+        steps_per_round = rs[0]["steps"] // rs[0]["rounds"] if rs[0].get("steps") else None
+        curve.append({"round": snaps[0]["step"] // steps_per_round if steps_per_round else None,
+                      "cpu_minutes": float(np.mean([s["cpu_seconds"] / 60 for s in snaps])),
+                      "ratio_best": float(np.mean([s["scores"]["builtin"]["ratio_best"] for s in snaps]))})
+    return curve
 
 
 def markdown(table: dict, run: dict) -> str:
@@ -556,6 +571,13 @@ def markdown(table: dict, run: dict) -> str:
                 lines.append(f"| {name} | {len(row['seeds'])} | {row['rounds']} | "
                              f"{row['train_cpu_minutes']['mean']:.1f} | " + " | ".join(cells) + " | "
                              + verdict(row["sets"][s]["ratio_best"], reference, name == ref) + " |")
+            lines.append("")
+        curves = {name: row["curve"] for name, row in configs.items() if len(row.get("curve") or []) > 1}
+        if curves:
+            lines += ["Learning curves: best-of-8 / baseline on the `builtin` tiles, mean over seeds, at round (train "
+                      "CPU-minutes):", ""]
+            lines += [f"- **{name}**: " + ", ".join(f"{p['round']} ({p['cpu_minutes']:.1f}) {p['ratio_best']:.3f}"
+                                                     for p in curve) for name, curve in curves.items()]
             lines.append("")
         lines += [f"What each configuration changes from {REFERENCE} (on the `small` preset):", ""]
         lines += [f"- **{name}**: " + (f"`{' '.join(own_overrides(row['overrides']))}`"
@@ -609,10 +631,8 @@ def plot(results: list[dict], path: Path) -> None:
     for key, configs in groups.items():
         series = []
         for name, rs in configs.items():
-            points = min(len(r["curve"]) for r in rs)
-            xs = [float(np.mean([r["curve"][i]["cpu_seconds"] / 60 for r in rs])) for i in range(points)]
-            ys = [float(np.mean([r["curve"][i]["scores"]["builtin"]["ratio_best"] for r in rs])) for i in range(points)]
-            series.append((name, xs, ys))
+            curve = curve_means(rs)
+            series.append((name, [p["cpu_minutes"] for p in curve], [p["ratio_best"] for p in curve]))
         panels.append(common.line_panel(f"{key}: best-of-8 LPIPS / baseline (builtin tiles)", series,
                                         "training CPU-minutes", size=(900, 520),
                                         guides={"baseline": 1.0, "target": TARGETS[key.split(" @ ")[0]]}))

@@ -329,6 +329,27 @@ def test_quality_keeps_an_earlier_reports_results_and_names_the_runs_they_came_f
     assert "Rows that recorded their machine ran on: EPYC." in text
 
 
+def test_quality_report_gives_each_configurations_learning_curve_as_means_over_seeds():
+    import common
+    import quality
+
+    def result(seed, ratios):
+        numbers = {m: 0.5 for m, _ in quality.COLUMNS} | {"ratio_best": ratios[-1], "baseline": 0.6}
+        curve = [{"step": 60 * r, "cpu_seconds": 45.0 * r + seed, "scores": {"builtin": {"ratio_best": x}}}
+                 for r, x in zip((6, 12), ratios)]
+        return {"task": "super-resolution", "config": "small", "seed": seed, "budget_minutes": 9, "rounds": 12,
+                "steps": 720, "train_cpu_seconds": 540.0, "overrides": [], "final": {"builtin": numbers},
+                "curve": curve}
+
+    table = quality.summarise([result(0, (0.93, 0.91)), result(1, (0.91, 0.89))])
+    curve = table["super-resolution @ 9 CPU-min"]["small"]["curve"]
+    assert [p["round"] for p in curve] == [6, 12]
+    assert [p["ratio_best"] for p in curve] == pytest.approx([0.92, 0.90])
+    assert [p["cpu_minutes"] for p in curve] == pytest.approx([(270 + 0.5) / 60, (540 + 0.5) / 60])
+    text = quality.markdown(table, common.run_record(common.Stopwatch(), [0.0, 0.0, 0.0]))
+    assert "- **small**: 6 (4.5) 0.920, 12 (9.0) 0.900" in text
+
+
 def test_quality_jobs_stop_when_their_driver_stops(tmp_path, monkeypatch):
     """Stopping the benchmark (Ctrl-C, or a kill of its driver) used to leave its one-thread job processes
     training on, unseen; they now stop with it, and their results stay unwritten."""
