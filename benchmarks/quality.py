@@ -525,10 +525,10 @@ def curve_means(rs: list[dict]) -> list[dict]:
     """One configuration's learning curve, means over its seeds at each snapshot they all have: the round, the
     training CPU-minutes and the best-of-8 ratio on the builtin tiles (no points where a run kept no curve)."""
     points = min(len(r.get("curve") or []) for r in rs)
+    steps_per_round = rs[0]["steps"] // rs[0]["rounds"] if rs[0].get("steps") else None
     curve = []
     for i in range(points):
         snaps = [r["curve"][i] for r in rs]
-        steps_per_round = rs[0]["steps"] // rs[0]["rounds"] if rs[0].get("steps") else None
         curve.append({"round": snaps[0]["step"] // steps_per_round if steps_per_round else None,
                       "cpu_minutes": float(np.mean([s["cpu_seconds"] / 60 for s in snaps])),
                       "ratio_best": float(np.mean([s["scores"]["builtin"]["ratio_best"] for s in snaps]))})
