@@ -56,7 +56,7 @@ import common  # noqa: E402
 from chimle import devices, tasks, train as training  # noqa: E402
 from chimle.config import ConfigError  # noqa: E402
 from chimle.data import center_crop, list_images, load_image  # noqa: E402
-from chimle.generator import Generator, initialise  # noqa: E402
+from chimle.generator import Generator  # noqa: E402
 from chimle.metrics import fid as fid_lib, manifold  # noqa: E402
 from chimle.evaluate import score_input  # noqa: E402
 from chimle.perceptual import LPIPS  # noqa: E402
@@ -75,7 +75,7 @@ ONE_DISTANCE = ["train.final_perceptual=", "train.final_rounds=0"]
 BEFORE = ["train.init=pytorch", "train.ema=0", "train.schedule=constant", "train.warmup=0", "train.lr=0.002",
           "train.batch_size=8", "train.pixel_weight=1.0", "train.perceptual=alex", "train.round_size=32",
           "train.steps_per_round=60", "search.samples_per_level=[20,20,10,5]", "search.reject_below=[]",
-          "train.precision=float32", "model.predict_residual=false", *ONE_DISTANCE]
+          "train.precision=float32", "model.predict_residual=false", "train.channels_last=false", *ONE_DISTANCE]
 # `small` for super-resolution and colourization before they took up EMA 0.995 and lr 0.004 and super-resolution
 # model.predict_residual (the rows named "small, ..." below ran so).
 PLAIN = ["model.predict_residual=false", "train.ema=0", "train.lr=0.002"]
@@ -174,6 +174,11 @@ CONFIGS: dict[str, list[str]] = {  # name -> overrides of the `small` preset
     # the next round's fresh examples start at. More examples per round, the same steps:
     "small, 128 examples per round": ["train.round_size=128"],
     "small, 128 examples per round, pools /2": ["train.round_size=128", "search.samples_per_level=[10,10,5,3]"],
+    # The preset before it took up train.channels_last (faster steps, the same arithmetic up to rounding)
+    "small, default layout": ["train.channels_last=false"],
+    # The mapping networks (code -> style) learn at 0.01 x the rate (the paper's, from StyleGAN); a run of minutes
+    # may need them to move faster to put its codes to use
+    "small, mapping lr x10": ["train.mapping_lr_scale=0.1"],
 }
 MIN_PHOTOS = manifold.DENSITY_COVERAGE_K + 1  # coverage's k nearest neighbours need k + 1 real images per set
 TARGETS = {"super-resolution": 0.90, "colourization": 0.90, "decompression": 0.85}  # best-of-8 / baseline (issue)
@@ -255,7 +260,7 @@ def cost_key(config) -> str:
     m, d, s, t = config.model, config.data, config.search, config.train
     return json.dumps([dataclasses.asdict(m), d.crop, d.crop_width, s.samples_per_level, s.flat, s.flat_samples,
                        s.zero_codes, s.max_batch, t.batch_size, t.steps_per_round, t.round_size, t.perceptual,
-                       t.pixel_weight > 0, t.final_perceptual, t.final_rounds,
+                       t.pixel_weight > 0, t.final_perceptual, t.final_rounds, t.channels_last,
                        str(devices.compute_dtype(t.precision, torch.device("cpu")))])
 
 
@@ -267,7 +272,7 @@ def round_seconds(config, device: torch.device = torch.device("cpu")) -> float:
     clock = Clock(device)
     dataset = training.training_set(config)
     torch.manual_seed(t.seed)
-    generator = initialise(Generator(config.model), t.init).to(device)
+    generator = training.make_generator(config, device)
     distance = training.make_distance(config).to(device)
     optimizer = training.make_optimizer(config, generator)
     started = clock.now()

@@ -42,6 +42,9 @@ ru_maxrss: Python, PyTorch, the model, LPIPS and the measurement) is its own. Ph
              devices without bf16 arithmetic, the step and the `initialised` model at 1/8 of the widths: bf16 is
              10-40x slower there)
     train    one float32 training step at batch 1: naive (anomaly detection on), then each training lever
+    layout   the training step at `small`'s widths and batch (its preset as it stands), with the generator in the
+             default layout and in channels-last (train.channels_last), steps of the two interleaved in one
+             process; each task's crop of `small`, in its step's precision (train.precision=auto) and in float32
     sample   images per second: naive, fixed weights, chimle.sample as shipped; batch 1 and batched
 With one torch thread on a CPU (--threads 1) every time is the process's CPU time, which other work on a shared
 machine cannot inflate; otherwise wall time. Writes OUT/speed.json and OUT/speed.md (OUT: benchmarks/results).
@@ -53,6 +56,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -68,15 +72,16 @@ import timing  # noqa: E402
 from chimle import builtin, tasks  # noqa: E402
 from chimle.blocks import WNConv2d, folded  # noqa: E402
 from chimle.checkpoint import CheckpointError, load_model, model_path  # noqa: E402
-from chimle.devices import native_bf16  # noqa: E402
+from chimle.devices import compute_dtype, native_bf16  # noqa: E402
 from chimle.config import Config, SearchConfig, resolve  # noqa: E402
 from chimle.generator import Generator, count_parameters  # noqa: E402
 from chimle.naive import naive_search, naive_step  # noqa: E402
 from chimle.search import channels_last, fixed_weights, hierarchical_search, level_batch  # noqa: E402
-from chimle.train import Round, level_losses, make_distance, make_optimizer, step_losses  # noqa: E402
+from chimle.train import Round, level_losses, make_distance, make_generator, make_optimizer, step_losses  # noqa: E402
 
 TASKS = {"super-resolution": 128, "decompression": 64}  # task -> crop (target side), px
-PHASES = ("search", "roofline", "memory", "levers", "bf16", "train", "sample")
+PHASES = ("search", "roofline", "memory", "levers", "bf16", "train", "layout", "sample")
+LAYOUT_TASKS = ("super-resolution", "decompression", "colourization")  # the layout phase's
 NARROW = ["model.channels=[16,8,8,8]", "model.growth=[32,24,16,8]"]  # 1/8 of the paper's widths (bf16 on CPU)
 
 
@@ -451,6 +456,38 @@ def phase_train_bf16(spec: dict, device: torch.device) -> dict:
             "peak_rss_gib": timing.peak_rss_gib()}
 
 
+def phase_layout(spec: dict, device: torch.device) -> dict:
+    """`small`'s training step (batch 8) for spec["task"] in spec["precision"], the generator in the default layout
+    and in channels-last: same initial weights, each with its own Adam, steps alternating between the two so that
+    other work on the machine slows both alike; the median of each after a warm-up."""
+    config = resolve(task=spec["task"], preset="small", overrides=[f"train.precision={spec['precision']}", *OVERRIDES])
+    torch.manual_seed(0)
+    default = make_generator(dataclasses.replace(config, train=dataclasses.replace(config.train, channels_last=False)),
+                             device)
+    layouts = {"default": default, "channels-last": copy.deepcopy(default).to(memory_format=torch.channels_last)}
+    distance, b = make_distance(config).to(device), config.train.batch_size
+    inputs, targets = timing.examples(config, b, device)
+    codes = [torch.randn(b, s, generator=torch.Generator().manual_seed(level)).to(device)
+             for level, s in enumerate(default.code_sizes(default.start(inputs)))]
+    batch = Round(number=0, ids=torch.arange(b), inputs=inputs, targets=targets, codes=codes)
+    optimizers = {name: make_optimizer(config, g) for name, g in layouts.items()}
+    index, now, times = torch.arange(b, device=device), timing.clock(device), {name: [] for name in layouts}
+    for step in range(spec["warmup"] + spec["steps"]):
+        for name, generator in layouts.items():
+            started = now()
+            losses = step_losses(config, generator, distance, batch, index)
+            optimizers[name].zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimizers[name].step()
+            timing.sync(device)
+            if step >= spec["warmup"]:
+                times[name].append(now() - started)
+    dtype = compute_dtype(config.train.precision, device) or torch.float32
+    return {"crop": config.data.crop, "batch": b, "step_dtype": str(dtype).removeprefix("torch."),
+            "seconds_per_step": {name: statistics.median(t) for name, t in times.items()}, "times": times,
+            "peak_rss_gib": timing.peak_rss_gib()}
+
+
 def bf16_effect(configs: dict[str, Config], generator, lpips, batch: Round, device) -> dict:
     """Per-level losses and the gradient of the training step's forward in float32 and in bfloat16 (configs:
     precision -> config), same weights and batch."""
@@ -520,7 +557,7 @@ def phase_sample(spec: dict, device: torch.device) -> dict:
 
 
 PHASE_FUNCTIONS = {"search": phase_search, "roofline": phase_roofline, "memory": phase_memory, "levers": phase_levers, "bf16": phase_bf16, "train": phase_train,
-                   "train_bf16": phase_train_bf16, "sample": phase_sample}
+                   "train_bf16": phase_train_bf16, "layout": phase_layout, "sample": phase_sample}
 
 
 # Plan, children, report ----------------------------------------------------------------------------------------
@@ -564,6 +601,11 @@ def plan(args) -> list[dict]:
             specs.append({"phase": "train", "variant": variant, "warmup": 1, "steps": 2 if quick else 5})
     if "bf16" in args.phases:
         specs.append({"phase": "train_bf16", "warmup": 1, "steps": 2})
+    if "layout" in args.phases:
+        for task in LAYOUT_TASKS:
+            for precision in ("auto", "float32"):
+                specs.append({"phase": "layout", "task": task, "precision": precision, "warmup": 2,
+                              "steps": 3 if quick else 15})
     if "sample" in args.phases:
         specs.append({"phase": "sample", "images": 8, "batch": 8})
     for spec in specs:
@@ -914,6 +956,18 @@ def render(report: dict) -> str:
                 f"{', '.join(f'{v:.4f}' for v in e['loss_fp32'])}, bf16 {', '.join(f'{v:.4f}' for v in e['loss_bf16'])} "
                 f"(largest relative difference {100 * e['max_relative_loss_difference']:.2f}%); cosine between the "
                 f"float32 and bf16 gradients {e['gradient_cosine']:.4f}.\n"]
+
+    layouts = [r for r in results if r["phase"] == "layout"]
+    if layouts:
+        rows = [[r["task"], r["crop"], r["step_dtype"],
+                 *(f"{r['seconds_per_step'][k]:.3f}" for k in ("default", "channels-last")),
+                 f"{r['seconds_per_step']['default'] / r['seconds_per_step']['channels-last']:.2f}x"] for r in layouts]
+        out += [f"## Training step at `small`'s widths: default layout against channels-last (batch "
+                f"{layouts[0]['batch']}; median of {len(layouts[0]['times']['default'])} steps each, interleaved)\n",
+                timing.table(["task", "crop px", "step", "default s/step", "channels-last s/step", "speed-up"], rows),
+                "`small` as it stands, its step's precision (`train.precision=auto`: bf16 where the device has it) "
+                "and float32; the same initial weights in both layouts, each with its own Adam (the layout "
+                "`train.channels_last` chooses; the paper's widths are the training ladder above).\n"]
 
     # Sampling.
     sample = _find(results, phase="sample")

@@ -773,3 +773,19 @@ def test_a_rounds_time_is_its_search_and_its_steps_at_the_least_step_after_the_w
     config = tiny_config("super-resolution", "train.steps_per_round=10")
     assert quality.round_seconds(config) == pytest.approx(2.0 + 10 * 1.0)
     assert next(ticks, None) is None
+
+
+def test_speed_times_small_steps_in_both_layouts_alternately():
+    """The layout phase times `small`'s step with the generator in each layout (steps interleaved) from the same
+    initial weights, and the report gives each task's speed-up."""
+    import speed
+
+    spec = {"task": "decompression", "precision": "float32", "warmup": 0, "steps": 2}
+    result = speed.phase_layout(spec, torch.device("cpu"))
+    assert set(result["times"]) == {"default", "channels-last"}
+    assert all(len(t) == 2 and min(t) > 0 for t in result["times"].values())
+    assert result["crop"] == 64 and result["batch"] == 8 and result["step_dtype"] == "float32"
+    earlier = json.loads((Path(speed.__file__).parent / "results" / "speed.json").read_text())
+    text = speed.render({**earlier, "results": [{"phase": "layout", **spec, **result}]})
+    default, last = result["seconds_per_step"]["default"], result["seconds_per_step"]["channels-last"]
+    assert f"| decompression | 64 | float32 | {default:.3f} | {last:.3f} | {default / last:.2f}x |" in text

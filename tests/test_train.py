@@ -157,3 +157,24 @@ def test_a_killed_bfloat16_run_resumes_to_identical_weights(tmp_path):
     assert not torch.equal(whole, fp32)
     assert "the step's forward in bfloat16 (train.precision=bfloat16)" in (tmp_path / "whole" / "log.txt").read_text()
     assert "bfloat16" not in (tmp_path / "float32" / "log.txt").read_text()
+
+
+def test_a_killed_channels_last_run_resumes_to_identical_weights(tmp_path):
+    """With train.channels_last=true a resumed run still reaches an uninterrupted run's weights bit for bit, and
+    they are those of a run in the default layout up to rounding; so are those of a run resumed in the other
+    layout (its restored Adam moments take their parameters' layout: fused Adam reads both as flat memory)."""
+    from conftest import model_vector, run_killed
+
+    settings = ["train.rounds=2", "train.round_size=4", "train.steps_per_round=4", "train.checkpoint_every=2",
+                "train.grid_every=100", "train.channels_last=true"]
+    train(tiny_config("super-resolution", *settings), tmp_path / "whole")
+    train(tiny_config("super-resolution", *settings, "train.channels_last=false"), tmp_path / "default")
+    run_killed(tmp_path / "killed", "step:3", settings)
+    train(tiny_config("super-resolution", *settings), tmp_path / "killed", resume=True)
+    run_killed(tmp_path / "switched", "step:3", [*settings, "train.channels_last=false"])
+    train(None, tmp_path / "switched", resume=True, settings={"train": {"channels_last": True}})
+    whole, killed, default, switched = (model_vector(tmp_path / name)
+                                        for name in ("whole", "killed", "default", "switched"))
+    assert torch.equal(whole, killed)
+    torch.testing.assert_close(whole, default, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(switched, default, atol=1e-4, rtol=1e-3)

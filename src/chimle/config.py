@@ -97,6 +97,7 @@ class TrainConfig:
     decay_rounds: int = 0  # stable-decay: the last rounds, over which the rate falls (a run extended later decays at its new end)
     ema: float = 0.0  # decay per step of the moving average of the weights that sampling uses; 0 = off (paper: off)
     compile: bool = False  # torch.compile the step's forward and backward: one compile (minutes on a CPU) for the run (paper: off)
+    channels_last: bool = False  # the generator in channels-last memory layout while it trains (CPU, small widths: faster steps; paper: off)
     precision: str = "float32"  # the step's forward: float32 | bfloat16 (autocast; LPIPS distances and weights stay float32) | auto (bfloat16 where the device has it natively)
     init: str = "pytorch"  # initial weights: pytorch (PyTorch's defaults, style heads zero) | official (zero biases, Linear kaiming x 0.1)
     beta1: float = 0.9  # Adam beta1 (paper: 0.9)

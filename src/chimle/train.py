@@ -251,6 +251,13 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, t: TrainConfig, step: in
 ADAM = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
+def make_generator(config: Config, device: torch.device) -> Generator:
+    """A new generator to train, initialised by train.init (under the caller's seed), in channels-last layout where
+    train.channels_last: made so before its optimizer and weight average, whose tensors follow its layout."""
+    generator = initialise(Generator(config.model), config.train.init).to(device)
+    return generator.to(memory_format=torch.channels_last) if config.train.channels_last else generator
+
+
 def make_distance(config: Config, final: bool = False) -> Distance:
     """The distance a model of `config` is searched and trained with: LPIPS (train.perceptual; with `final`,
     train.final_perceptual, the one of the run's last train.final_rounds rounds) plus train.pixel_weight x L1."""
@@ -351,7 +358,7 @@ def train(config: Config | None, out: str | Path, resume: bool = False, device: 
 
     # Construct networks, or restore them.
     torch.manual_seed(t.seed)
-    generator = initialise(Generator(config.model), t.init).to(device)
+    generator = make_generator(config, device)
     distance = make_distance(config).to(device)
     run = Run(config, files, generator, distance, make_optimizer(config, generator),
               total_rounds(config, len(dataset)), world, WeightAverage(generator, t.ema) if t.ema else None,
@@ -441,11 +448,22 @@ def _restore(run: Run, state: dict) -> tuple[int, SearchResult | None]:
         run.optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, RuntimeError) as error:
         raise CheckpointError(f"{source}: its optimizer state does not fit this model ({error})") from None
+    _match_layouts(run.optimizer)
     saved_world = state.get("processes", 1)
     if saved_world != run.world.size:
         run.files.log(f"the run was saved by {saved_world} process(es) and continues on {run.world.size}: a step "
                       f"now takes {run.world.size} x {t.batch_size} examples")
     return state["step"], None if state["search"] is None else SearchResult(**state["search"])
+
+
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each restored Adam moment its parameter's memory layout (a saved state loads in the default layout
+    whatever the run's train.channels_last): fused Adam reads a parameter and its moments as flat memory, so a
+    channels-last weight with default-layout moments would be updated with the wrong elements."""
+    for parameter, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == parameter.shape:
+                state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
 def _search(run: Run, batch: Round, step: int) -> SearchResult:
