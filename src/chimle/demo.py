@@ -1,12 +1,12 @@
 """`chimle demo` (= `make demo`): what a built-in model does on held-out photos it never saw, then the same for a
 small model trained here on the built-in data on the CPU, side by side.
 
-    chimle demo                                  # x16 super-resolution, < 10 minutes on a 2-core CPU; runs/demo
+    chimle demo                                  # x16 super-resolution, < 15 minutes on a 2-core CPU; runs/demo
     chimle demo --task colourization             # runs/demo-colourization
     chimle demo --task decompression             # JPEG quality 10
     chimle demo --task layout                    # the built-in label maps (scripts/make_layouts.py)
     chimle demo --task paired                    # synthetic night -> day pairs made from the built-in photos
-    chimle demo --out runs/demo2 -o train.rounds=24
+    chimle demo --out runs/demo2 -o train.rounds=36
 
 First, if this version ships a built-in model for the task (chimle.builtin), it samples that model on the
 held-out inputs and writes its grids to OUT/heldout-builtin/ and its numbers to `demo.json`, within a minute.
