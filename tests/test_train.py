@@ -141,22 +141,31 @@ def test_a_bfloat16_step_is_close_to_float32_and_keeps_float32_weights(task_name
     assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.98
 
 
+SHORT_RUN = ["train.rounds=2", "train.round_size=4", "train.steps_per_round=4", "train.checkpoint_every=2",
+             "train.grid_every=100"]
+
+
+def _whole_other_killed(tmp_path: Path, settings: list[str], other: str) -> tuple[torch.Tensor, ...]:
+    """The weights of a run of `settings` (in tmp_path/whole), of one with `other` added (tmp_path/other) and of
+    one killed at step 3 and resumed (tmp_path/killed)."""
+    from conftest import model_vector, run_killed
+
+    train(tiny_config("super-resolution", *settings), tmp_path / "whole")
+    train(tiny_config("super-resolution", *settings, other), tmp_path / "other")
+    run_killed(tmp_path / "killed", "step:3", settings)
+    train(tiny_config("super-resolution", *settings), tmp_path / "killed", resume=True)
+    return tuple(model_vector(tmp_path / name) for name in ("whole", "other", "killed"))
+
+
 def test_a_killed_bfloat16_run_resumes_to_identical_weights(tmp_path):
     """With train.precision=bfloat16 a resumed run still reaches an uninterrupted run's weights bit for bit, and
     they differ from a float32 run's (the setting took effect)."""
-    from conftest import model_vector, run_killed
-
-    settings = ["train.rounds=2", "train.round_size=4", "train.steps_per_round=4", "train.checkpoint_every=2",
-                "train.grid_every=100", "train.precision=bfloat16"]
-    train(tiny_config("super-resolution", *settings), tmp_path / "whole")
-    train(tiny_config("super-resolution", *settings, "train.precision=float32"), tmp_path / "float32")
-    run_killed(tmp_path / "killed", "step:3", settings)
-    train(tiny_config("super-resolution", *settings), tmp_path / "killed", resume=True)
-    whole, killed, fp32 = (model_vector(tmp_path / name) for name in ("whole", "killed", "float32"))
+    whole, fp32, killed = _whole_other_killed(tmp_path, [*SHORT_RUN, "train.precision=bfloat16"],
+                                              "train.precision=float32")
     assert torch.equal(whole, killed)
     assert not torch.equal(whole, fp32)
     assert "the step's forward in bfloat16 (train.precision=bfloat16)" in (tmp_path / "whole" / "log.txt").read_text()
-    assert "bfloat16" not in (tmp_path / "float32" / "log.txt").read_text()
+    assert "bfloat16" not in (tmp_path / "other" / "log.txt").read_text()
 
 
 def test_a_killed_channels_last_run_resumes_to_identical_weights(tmp_path):
@@ -165,16 +174,10 @@ def test_a_killed_channels_last_run_resumes_to_identical_weights(tmp_path):
     layout (its restored Adam moments take their parameters' layout: fused Adam reads both as flat memory)."""
     from conftest import model_vector, run_killed
 
-    settings = ["train.rounds=2", "train.round_size=4", "train.steps_per_round=4", "train.checkpoint_every=2",
-                "train.grid_every=100", "train.channels_last=true"]
-    train(tiny_config("super-resolution", *settings), tmp_path / "whole")
-    train(tiny_config("super-resolution", *settings, "train.channels_last=false"), tmp_path / "default")
-    run_killed(tmp_path / "killed", "step:3", settings)
-    train(tiny_config("super-resolution", *settings), tmp_path / "killed", resume=True)
+    settings = [*SHORT_RUN, "train.channels_last=true"]
+    whole, default, killed = _whole_other_killed(tmp_path, settings, "train.channels_last=false")
     run_killed(tmp_path / "switched", "step:3", [*settings, "train.channels_last=false"])
     train(None, tmp_path / "switched", resume=True, settings={"train": {"channels_last": True}})
-    whole, killed, default, switched = (model_vector(tmp_path / name)
-                                        for name in ("whole", "killed", "default", "switched"))
     assert torch.equal(whole, killed)
     torch.testing.assert_close(whole, default, atol=1e-4, rtol=1e-3)
-    torch.testing.assert_close(switched, default, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(model_vector(tmp_path / "switched"), default, atol=1e-4, rtol=1e-3)
